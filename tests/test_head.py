@@ -53,6 +53,24 @@ def test_pool_equals_expanded_candidates_and_forward():
     assert torch.equal(head(context, pool=pool, context_mask=mask), scored)
 
 
+def test_pool_and_actions_in_one_call():
+    head = _head()
+    context, mask, cands = _inputs()
+    pool = torch.randn(7, 4, 3, dtype=torch.float64)
+    both = head(context, cands, context_mask=mask, pool=pool)
+    assert both.shape == (3, 12)
+    assert torch.equal(both[:, :7], head.score_pool(context, pool, context_mask=mask))
+    assert torch.equal(both[:, 7:], head(context, cands, context_mask=mask))
+
+
+def test_empty_batch_keeps_graph():
+    head = _head(dtype=torch.float32)
+    e = head(torch.randn(0, 5, 16), pool=torch.randn(4, 4, 3))
+    assert e.shape == (0, 4)
+    e.sum().backward()
+    assert all(p.grad is not None and not p.grad.abs().any() for p in head.parameters())
+
+
 def test_padded_tokens_have_no_influence():
     head = _head()
     context, mask, cands = _inputs()
@@ -104,7 +122,7 @@ def test_save_load_roundtrip(tmp_path):
         (dict(actions=torch.randn(2, 4, 3)), r"actions has shape \(2, 4, 3\), expected \(B=3, H=4, Da=3\)"),
         (dict(actions=torch.randn(3, 4, 3), context_mask=torch.ones(3, 5)), r"context_mask has shape \(3, 5\)"),
         (dict(pool=torch.randn(7, 3, 3)), r"pool has shape \(7, 3, 3\), expected \(N, H=4, Da=3\)"),
-        (dict(), "exactly one of"),
+        (dict(), "pass `actions`"),
     ],
 )
 def test_bad_shapes_raise(kwargs, match):

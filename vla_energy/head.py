@@ -94,11 +94,21 @@ class EnergyHead(PreTrainedModel):
         pool: Tensor | None = None,
         pool_action_mask: Tensor | None = None,
     ) -> Tensor:
-        """Energies: actions [B,H,Da] -> [B]; [B,K,H,Da] -> [B,K]; pool [N,H,Da] -> [B,N] (every context x chunk)."""
-        if (actions is None) == (pool is None):
-            raise ValueError("pass exactly one of `actions` [B,H,Da] / [B,K,H,Da] or `pool` [N,H,Da]")
+        """Energies: actions [B,H,Da] -> [B]; [B,K,H,Da] -> [B,K]; pool [N,H,Da] -> [B,N] (every context x chunk).
+
+        With both `pool` and per-sample `actions` [B,K,H,Da]: [B, N+K], pool columns first, in one forward (one
+        DDP/FSDP forward per step even when a loss needs both kinds of candidates).
+        """
+        if actions is None and pool is None:
+            raise ValueError("pass `actions` [B,H,Da] / [B,K,H,Da], `pool` [N,H,Da], or both")
         if pool is not None:
-            return self.score_pool(context, pool, context_mask=context_mask, pool_action_mask=pool_action_mask)
+            pooled = self.score_pool(context, pool, context_mask=context_mask, pool_action_mask=pool_action_mask)
+            if actions is None:
+                return pooled
+            if actions.dim() != 4:
+                raise ValueError(f"actions has shape {tuple(actions.shape)}, expected (B, K, H, Da) with a pool")
+            own = self.forward(context, actions, context_mask=context_mask, action_mask=action_mask)
+            return torch.cat([pooled, own], dim=1)
         cfg = self.config
         b = self._check_context(context, context_mask)
         single = actions.dim() == 3
