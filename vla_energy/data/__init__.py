@@ -1,0 +1,41 @@
+"""Data pipeline: loading (LeRobot v3, HF datasets, synthetic), action chunks, normalization, collation."""
+
+from .chunking import add_action_chunks, chunk_indices
+from .collator import VLACollator, to_pil_image
+from .config import DATASET_FORMATS, NORMALIZATIONS, DataConfig
+from .lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info, read_lerobot_tasks
+from .loading import FRAME_COLUMNS, load_frames, standardize_frames, tile_images
+from .normalization import NORM_STATS_NAME, NormStats, compute_norm_stats
+from .pipeline import build_datasets
+from .split import split_episodes, split_rows
+from .synthetic import SYNTHETIC_ACTION_NAMES, default_cache_dir, make_synthetic_dataset, render_scene
+from .video import video_decoder_available
+
+__all__ = [
+    "DataConfig",
+    "DATASET_FORMATS",
+    "NORMALIZATIONS",
+    "build_datasets",
+    "load_frames",
+    "standardize_frames",
+    "tile_images",
+    "FRAME_COLUMNS",
+    "load_lerobot_v3",
+    "is_lerobot_dataset",
+    "read_lerobot_info",
+    "read_lerobot_tasks",
+    "chunk_indices",
+    "add_action_chunks",
+    "NormStats",
+    "NORM_STATS_NAME",
+    "compute_norm_stats",
+    "split_episodes",
+    "split_rows",
+    "make_synthetic_dataset",
+    "render_scene",
+    "default_cache_dir",
+    "SYNTHETIC_ACTION_NAMES",
+    "VLACollator",
+    "to_pil_image",
+    "video_decoder_available",
+]

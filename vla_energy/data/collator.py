@@ -1,0 +1,119 @@
+"""VLACollator: examples -> backbone inputs (processor) with H action placeholders, plus the action targets."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+__all__ = ["VLACollator", "to_pil_image"]
+
+
+def to_pil_image(value: Any, key: str = "image") -> PILImage.Image:
+    """An RGB PIL image from a PIL image, a {bytes, path} dict (undecoded datasets.Image) or an HxWx3 array."""
+    if isinstance(value, PILImage.Image):
+        return value.convert("RGB") if value.mode != "RGB" else value
+    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            return PILImage.open(io.BytesIO(value["bytes"])).convert("RGB")
+        return PILImage.open(value["path"]).convert("RGB")
+    arr = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return PILImage.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).convert("RGB")
+    raise ValueError(f"{key} has type {type(value).__name__} and shape {getattr(arr, 'shape', None)}, "
+                     "expected a PIL image, a {bytes, path} dict or an (H, W, C) array")
+
+
+class VLACollator:
+    """Batch examples for a VLA backbone: prompt = instruction + action_token * horizon, through the processor.
+
+    Returns the processor's tensors plus actions float32 [B,H,Da], action_mask bool [B,H], sample_id long [B],
+    episode_index long [B] (and state float32 [B,Ds] when the examples have it). Picklable, so it runs in
+    DataLoader workers. A processor with a chat template gets a user message (image + instruction) through
+    apply_chat_template(add_generation_prompt=True), then the placeholders.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        horizon: int,
+        action_token: Optional[str] = None,
+        image_key: str = "image",
+        instruction_key: str = "instruction",
+        use_chat_template: Optional[bool] = None,
+    ) -> None:
+        if horizon < 1:
+            raise ValueError(f"horizon={horizon}, expected >= 1")
+        token = action_token if action_token is not None else getattr(processor, "action_token", None)
+        if not token:
+            raise ValueError(
+                "action_token is None and the processor has no `action_token`: pass the placeholder token "
+                "added to the tokenizer (e.g. '<|action|>', see vla_energy.backbone.add_action_token)"
+            )
+        self.processor = processor
+        self.horizon = horizon
+        self.action_token = token
+        self.image_key = image_key
+        self.instruction_key = instruction_key
+        if use_chat_template is None:
+            use_chat_template = bool(getattr(processor, "chat_template", None)) and hasattr(
+                processor, "apply_chat_template")
+        self.use_chat_template = use_chat_template
+
+    @property
+    def placeholders(self) -> str:
+        """The H action placeholders appended to every prompt."""
+        return self.action_token * self.horizon
+
+    def prompt(self, instruction: str) -> str:
+        """Text given to the processor for one example."""
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return text + self.placeholders
+        return instruction + self.placeholders
+
+    def _stack(self, examples: Sequence[Mapping[str, Any]], key: str, dtype: type, trailing: tuple) -> np.ndarray:
+        """Stack one field of all examples; `trailing` is the per-example shape (a str names a free size)."""
+        try:
+            arr = np.stack([np.asarray(ex[key], dtype=dtype) for ex in examples])
+        except KeyError:
+            raise ValueError(
+                f"example has no {key!r}; its keys are {sorted(examples[0])} (build the dataset with build_datasets "
+                "or add_action_chunks)"
+            ) from None
+        except ValueError as e:
+            shapes = sorted({np.asarray(ex[key]).shape for ex in examples})
+            raise ValueError(f"{key} has shapes {shapes} across the batch, expected one shape") from e
+        if len(trailing) != arr.ndim - 1 or any(isinstance(t, int) and t != s for t, s in zip(trailing, arr.shape[1:])):
+            want = ", ".join(["B", *(f"H={t}" if isinstance(t, int) else t for t in trailing)])
+            raise ValueError(f"{key} has shape {tuple(arr.shape)}, expected ({want})")
+        return arr
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        for key in (self.image_key, self.instruction_key):
+            if key not in examples[0]:
+                raise ValueError(f"example has no {key!r}; its keys are {sorted(examples[0])}")
+        images = [to_pil_image(ex[self.image_key], self.image_key) for ex in examples]
+        texts = [self.prompt(str(ex[self.instruction_key])) for ex in examples]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
+        batch = dict(inputs)
+        batch["actions"] = torch.from_numpy(actions)
+        if "action_mask" in examples[0]:
+            batch["action_mask"] = torch.from_numpy(self._stack(examples, "action_mask", np.bool_, (self.horizon,)))
+        else:
+            batch["action_mask"] = torch.ones(actions.shape[:2], dtype=torch.bool)
+        batch["sample_id"] = torch.from_numpy(self._stack(examples, "sample_id", np.int64, ()))
+        batch["episode_index"] = torch.from_numpy(self._stack(examples, "episode_index", np.int64, ()))
+        if all("state" in ex and ex["state"] is not None for ex in examples):
+            batch["state"] = torch.from_numpy(self._stack(examples, "state", np.float32, ("Ds",)))
+        return batch

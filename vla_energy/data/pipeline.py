@@ -1,0 +1,54 @@
+"""build_datasets: load frames, split by episode, statistics on train, normalized action chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import datasets
+import numpy as np
+from datasets import Dataset
+
+from .chunking import add_action_chunks
+from .columns import iter_vector_batches
+from .config import DataConfig
+from .loading import load_frames
+from .normalization import NormStats, compute_norm_stats
+from .split import split_rows
+
+__all__ = ["build_datasets"]
+
+
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """Turn the `datasets` library's own bars off inside the block when `enabled` is False, then restore."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            datasets.enable_progress_bars()
+
+
+def build_datasets(cfg: DataConfig, progress: bool = True) -> tuple[Dataset, Dataset, NormStats]:
+    """(train, val, stats): frames of `cfg.dataset` chunked to horizon H, split by episode (seeded), with
+    `actions` normalized by statistics computed on the training split only.
+
+    Each example: image, instruction, [state], episode_index, frame_index, actions [H, Da] (normalized),
+    action_mask [H] (True = real step), sample_id (row index in the frame table).
+    """
+    with _datasets_progress(progress):
+        frames = load_frames(cfg, progress=progress)
+        actions = np.concatenate(list(iter_vector_batches(frames, "action", progress=progress,
+                                                          desc="reading actions")))
+        episode = np.asarray(frames.select_columns(["episode_index"]).with_format("numpy")[:]["episode_index"])
+        train_rows, val_rows = split_rows(episode, cfg.val_fraction, cfg.data_seed)
+        # Statistics from the training episodes only, streamed in batches like the read above.
+        batch = 65536
+        stats = compute_norm_stats(
+            (actions[train_rows[i:i + batch]] for i in range(0, len(train_rows), batch)), mode=cfg.normalization
+        )
+        chunked = add_action_chunks(frames, cfg.horizon, norm_stats=stats, actions=actions, progress=progress)
+        return chunked.select(train_rows), chunked.select(val_rows), stats

@@ -1,0 +1,200 @@
+"""Built-in synthetic VLA task: move the agent to the coloured square that the instruction names.
+
+Each episode draws `num_targets` squares of distinct colours at random positions and an agent (a white plus).
+The instruction names one colour; the expert moves the agent toward that square. The target cannot be told
+from the image alone (several squares) nor from the instruction alone (positions change every episode).
+
+Coordinates are fractions of the image side, x to the right and y downward, in [0, 1].
+Action (Da = 3) of frame t: dx, dy = GAIN * (target - agent_t) + N(0, NOISE^2) (the step to the next frame;
+|dx|, |dy| < 0.08), and grip = 1.0 when the agent is within GRIP_RADIUS of the target, else 0.0.
+State: the agent position (x, y).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from datasets import Dataset, Features, Image, Sequence, Value, load_from_disk
+from PIL import Image as PILImage
+from tqdm.auto import tqdm
+
+__all__ = [
+    "make_synthetic_dataset",
+    "render_scene",
+    "default_cache_dir",
+    "PALETTE",
+    "INSTRUCTION_TEMPLATES",
+    "SYNTHETIC_ACTION_NAMES",
+    "GAIN",
+    "NOISE",
+    "GRIP_RADIUS",
+]
+
+# Version of the generator: bump when the output changes so that stale caches are not reused.
+_GENERATOR_VERSION = 1
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 90, 240),
+    "yellow": (240, 220, 30),
+    "magenta": (220, 50, 220),
+    "cyan": (30, 210, 220),
+}
+BACKGROUND = (24, 24, 24)
+AGENT_COLOR = (255, 255, 255)
+INSTRUCTION_TEMPLATES = ("move to the {} square", "go to the {} square", "reach the {} square",
+                         "navigate to the {} square")
+SYNTHETIC_ACTION_NAMES = ("dx", "dy", "grip")
+GAIN = 0.08
+NOISE = 0.004
+GRIP_RADIUS = 0.05
+_MIN_TARGET_GAP = 0.25
+_MIN_START_DISTANCE = 0.4
+
+FEATURES = Features({
+    "image": Image(),
+    "instruction": Value("string"),
+    "action": Sequence(Value("float32")),
+    "state": Sequence(Value("float32")),
+    "episode_index": Value("int64"),
+    "frame_index": Value("int64"),
+    "target_xy": Sequence(Value("float32")),
+})
+
+
+def default_cache_dir() -> Path:
+    """$VLA_ENERGY_CACHE, else ~/.cache/vla_energy."""
+    return Path(os.environ.get("VLA_ENERGY_CACHE") or Path.home() / ".cache" / "vla_energy")
+
+
+def _pixel(p: np.ndarray, size: int) -> tuple[int, int]:
+    return int(round(float(p[0]) * (size - 1))), int(round(float(p[1]) * (size - 1)))
+
+
+def render_scene(
+    size: int, targets: np.ndarray, colors: list[str], agent: np.ndarray
+) -> np.ndarray:
+    """RGB uint8 [size, size, 3]: coloured squares at `targets` [K, 2] and the agent (a white plus) on top."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = BACKGROUND
+    half = max(1, round(size * 0.14)) // 2 + 1  # a 5x5 square at 32 px
+    for (x, y), name in zip((_pixel(t, size) for t in targets), colors):
+        img[max(0, y - half + 1): y + half, max(0, x - half + 1): x + half] = PALETTE[name]
+    ax, ay = _pixel(agent, size)
+    arm = max(1, size // 20)
+    img[ay, max(0, ax - arm): ax + arm + 1] = AGENT_COLOR
+    img[max(0, ay - arm): ay + arm + 1, ax] = AGENT_COLOR
+    return img
+
+
+def _place_targets(rng: np.random.Generator, k: int) -> np.ndarray:
+    """K positions in [0.1, 0.9]^2, pairwise at least _MIN_TARGET_GAP apart (relaxed if placement is hard)."""
+    gap = _MIN_TARGET_GAP
+    while True:
+        for _ in range(200):
+            pts = rng.uniform(0.1, 0.9, size=(k, 2))
+            d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(k)
+            if d.min() >= gap:
+                return pts
+        gap *= 0.8
+
+
+def _episode(rng: np.random.Generator, size: int, k: int, length: int) -> dict[str, list]:
+    """One episode: frames, instruction, actions, states."""
+    colors = [str(c) for c in rng.choice(list(PALETTE), size=k, replace=False)]
+    targets = _place_targets(rng, k)
+    goal = int(rng.integers(k))
+    instruction = INSTRUCTION_TEMPLATES[int(rng.integers(len(INSTRUCTION_TEMPLATES)))].format(colors[goal])
+    target = targets[goal]
+    agent = rng.uniform(0.05, 0.95, size=2)
+    while np.linalg.norm(agent - target) < _MIN_START_DISTANCE:
+        agent = rng.uniform(0.05, 0.95, size=2)
+    out: dict[str, list] = {"image": [], "action": [], "state": []}
+    for _ in range(length):
+        png = io.BytesIO()
+        PILImage.fromarray(render_scene(size, targets, colors, agent)).save(png, format="PNG", compress_level=1)
+        step = GAIN * (target - agent) + rng.normal(0.0, NOISE, size=2)
+        grip = float(np.linalg.norm(target - agent) < GRIP_RADIUS)
+        out["image"].append({"bytes": png.getvalue(), "path": None})
+        out["action"].append([float(step[0]), float(step[1]), grip])
+        out["state"].append([float(agent[0]), float(agent[1])])
+        agent = np.clip(agent + step, 0.0, 1.0)
+    out["instruction"] = [instruction] * length
+    out["target_xy"] = [[float(target[0]), float(target[1])]] * length
+    return out
+
+
+def _generate(num_episodes: int, image_size: int, num_targets: int, min_len: int, max_len: int, seed: int,
+              progress: bool) -> Dataset:
+    columns: dict[str, list] = {name: [] for name in FEATURES}
+    for e in tqdm(range(num_episodes), desc="synthetic episodes", disable=not progress, leave=False):
+        # One generator per episode: episode e is the same whatever num_episodes is.
+        rng = np.random.default_rng([seed, e])
+        length = int(rng.integers(min_len, max_len + 1))
+        ep = _episode(rng, image_size, num_targets, length)
+        for name, values in ep.items():
+            columns[name].extend(values)
+        columns["episode_index"].extend([e] * length)
+        columns["frame_index"].extend(range(length))
+    return Dataset.from_dict(columns, features=FEATURES)
+
+
+def make_synthetic_dataset(
+    num_episodes: int = 160,
+    image_size: int = 32,
+    num_targets: int = 3,
+    min_episode_length: int = 20,
+    max_episode_length: int = 40,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> Dataset:
+    """The synthetic frame dataset (columns: image, instruction, action [3], state [2], episode_index,
+    frame_index, target_xy), deterministic in its arguments and cached on disk under a key of them."""
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes={num_episodes}, expected >= 1")
+    if image_size < 8:
+        raise ValueError(f"image_size={image_size}, expected >= 8")
+    if not 2 <= num_targets <= len(PALETTE):
+        raise ValueError(f"num_targets={num_targets}, expected 2..{len(PALETTE)} (the number of colours)")
+    if not 1 <= min_episode_length <= max_episode_length:
+        raise ValueError(
+            f"min_episode_length={min_episode_length}, max_episode_length={max_episode_length}, "
+            "expected 1 <= min <= max"
+        )
+    args = (num_episodes, image_size, num_targets, min_episode_length, max_episode_length, seed)
+    if not use_cache:
+        return _generate(*args, progress=progress)
+    params = dict(zip(("num_episodes", "image_size", "num_targets", "min_episode_length", "max_episode_length",
+                       "seed"), args), version=_GENERATOR_VERSION)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / "synthetic" / key
+    if (target / "dataset_info.json").exists():
+        return load_from_disk(str(target))
+    ds = _generate(*args, progress=progress)
+    # Write to a unique temp dir, then rename: concurrent writers never expose a half-written dataset.
+    tmp = root / "synthetic" / f".{key}.{uuid.uuid4().hex}.tmp"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ds.save_to_disk(str(tmp))
+        (tmp / "params.json").write_text(json.dumps(params, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "dataset_info.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(target))
