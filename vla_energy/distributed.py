@@ -204,7 +204,7 @@ def global_infonce_loss(
 def _global_tau(tau: TauLike, accelerator: Any, e_pos: Tensor, energies: Tensor, neg: Tensor) -> Tensor:
     """A number/tensor as is; a temperature module is called on global mean energies (same tau on every rank)."""
     if not callable(tau) or isinstance(tau, Tensor):
-        value = torch.as_tensor(tau, dtype=torch.float32, device=energies.device)
+        value = torch.as_tensor(tau, dtype=torch.promote_types(energies.dtype, torch.float32), device=energies.device)
         if not bool(value.detach() > 0):
             raise ValueError(f"tau={float(value)}, expected > 0")
         return value

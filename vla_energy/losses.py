@@ -38,7 +38,8 @@ def resolve_tau(tau: TauLike, e_pos: Tensor, e_neg: Tensor, neg_mask: Tensor | N
     if callable(tau) and not isinstance(tau, Tensor):
         value = tau(e_pos.detach(), e_neg.detach(), neg_mask=neg_mask)
     else:
-        value = torch.as_tensor(tau, dtype=torch.float32, device=e_pos.device)
+        dtype = torch.promote_types(e_pos.dtype, torch.float32)  # float64 energies keep a float64 tau
+        value = torch.as_tensor(tau, dtype=dtype, device=e_pos.device)
     if value.dim() != 0:
         raise ValueError(f"tau has shape {tuple(value.shape)}, expected a scalar")
     if not bool(value.detach() > 0):
