@@ -22,8 +22,11 @@ $(STAMP): $(PY) setup.cfg setup.py
 
 venv: $(STAMP)
 
+# 2 processes on the CPU (gloo), the tiny offline VLM and the synthetic task; one thread per process.
 demo: $(STAMP)
-	$(PY) -m vla_energy.demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \
+		recipes/train_energy.py --config recipes/configs/demo.yaml
+	@echo "demo finished: report in runs/demo/report.md (metrics.json, plots beside it)"
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests

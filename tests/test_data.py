@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 from transformers import HfArgumentParser
 
+from vla_energy.backbone import backbone_inputs
 from vla_energy.data import (
     DataConfig,
     NormStats,
@@ -34,6 +35,7 @@ from vla_energy.data import (
 )
 from vla_energy.data import video as video_mod
 from vla_energy.data.synthetic import GAIN, PALETTE
+from vla_energy.testing import TINY_VLM_KINDS, make_tiny_vlm
 
 # ---------------------------------------------------------------- chunking
 
@@ -493,8 +495,6 @@ def test_collator_output_and_errors() -> None:
         VLACollator(object(), horizon=4)
 
 
-# The tiny offline VLMs of vla_energy/testing.py (contract: TINY_VLM_KINDS, make_tiny_vlm(kind, seed)).
-TINY_KINDS = ("idefics3", "paligemma", "qwen2_vl", "llava")
 
 
 @pytest.fixture(scope="module")
@@ -504,13 +504,9 @@ def synthetic_examples(tmp_path_factory) -> list[dict]:
     return [train[i] for i in (0, 17, 40)]
 
 
-@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("kind", TINY_VLM_KINDS)
 def test_collator_shapes_for_each_tiny_vlm(kind: str, synthetic_examples: list[dict]) -> None:
-    testing = pytest.importorskip("vla_energy.testing")
-    from vla_energy.backbone import backbone_inputs
-
-    assert kind in testing.TINY_VLM_KINDS
-    tiny = testing.make_tiny_vlm(kind, seed=0)
+    tiny = make_tiny_vlm(kind, seed=0)
     collator = VLACollator(tiny.processor, horizon=3)
     batch = collator(synthetic_examples)
     b = len(synthetic_examples)

@@ -50,7 +50,12 @@ class _ResidualMLP(nn.Module):
 
 
 class ActionHead(PreTrainedModel):
-    """Maps the hidden states at the H action placeholders [..., H, D] to an action chunk [..., H, Da]."""
+    """Maps the hidden states at the H action placeholders [..., H, D] to an action chunk [..., H, Da].
+
+    The H placeholder states are read jointly (flattened to H*D), as OpenVLA-OFT's L1 head reads all action
+    tokens: identical placeholder tokens at adjacent positions have similar states, so a per-token head could not
+    give different steps different actions.
+    """
 
     config_class = ActionHeadConfig
     base_model_prefix = "action_head"
@@ -58,13 +63,17 @@ class ActionHead(PreTrainedModel):
 
     def __init__(self, config: ActionHeadConfig) -> None:
         super().__init__(config)
-        self.inp = nn.Sequential(nn.LayerNorm(config.hidden_size), nn.Linear(config.hidden_size, config.mlp_dim))
+        flat = config.horizon * config.hidden_size
+        self.inp = nn.Sequential(nn.LayerNorm(flat), nn.Linear(flat, config.mlp_dim))
         self.blocks = nn.Sequential(*(_ResidualMLP(config.mlp_dim) for _ in range(config.num_blocks)))
-        self.out = nn.Sequential(nn.LayerNorm(config.mlp_dim), nn.Linear(config.mlp_dim, config.action_dim))
+        self.out = nn.Sequential(nn.LayerNorm(config.mlp_dim), nn.Linear(config.mlp_dim,
+                                                                         config.horizon * config.action_dim))
         self.post_init()
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [..., H, D] (any leading dims, e.g. [L, B, H, D] for every layer at once) -> [..., H, Da]."""
-        if hidden.dim() < 2 or tuple(hidden.shape[-2:]) != (self.config.horizon, self.config.hidden_size):
-            check_tensor("hidden", hidden, ("B", "H", "D"), H=self.config.horizon, D=self.config.hidden_size)
-        return self.out(self.blocks(self.inp(hidden.to(self.dtype))))
+        cfg = self.config
+        if hidden.dim() < 2 or tuple(hidden.shape[-2:]) != (cfg.horizon, cfg.hidden_size):
+            check_tensor("hidden", hidden, ("B", "H", "D"), H=cfg.horizon, D=cfg.hidden_size)
+        flat = hidden.to(self.dtype).reshape(*hidden.shape[:-2], cfg.horizon * cfg.hidden_size)
+        return self.out(self.blocks(self.inp(flat))).view(*hidden.shape[:-2], cfg.horizon, cfg.action_dim)

@@ -26,7 +26,9 @@ class EnergyHeadConfig(PretrainedConfig):
         energy_input_scale: float = 0.5,
         energy_scale: float = 2.0,
         energy_offset: float = 0.1,
-        initializer_range: float = 0.02,
+        # Measured (6-sample overfit, 60 AdamW steps): at the HF default 0.02 the head's loss does not move at any
+        # lr in [1e-3, 1e-2]; at 0.2 it reaches the floor. Every sublayer's input is LayerNorm-ed, so this is safe.
+        initializer_range: float = 0.2,
         **kwargs,
     ) -> None:
         if energy_activation not in ENERGY_ACTIVATIONS:

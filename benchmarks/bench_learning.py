@@ -1,0 +1,115 @@
+"""The seed 002 symptom: same samples seen, different layouts; held-out top-1 accuracy vs 31 negatives.
+
+    python benchmarks/bench_learning.py [--seeds 0 1 2 --max_steps 120 --layouts 1x24_inbatch 8x3_local ...]
+
+Each run is `accelerate launch --multi_gpu --num_processes W recipes/train_energy.py` on CPU (gloo) with the
+layout's config from recipes/configs/ plus the overrides below, so every layout sees max_steps x 24 samples
+(the accumulation layout sees twice as many per step: its optimizer batch is 48). Results: a table of mean and
+spread over seeds, learning curves (PNG) and raw JSON in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (processes, config, extra flags)
+LAYOUTS = {
+    "1x24_inbatch": (1, "layout_1x24_inbatch.yaml", []),
+    "8x3_local": (8, "layout_8x3_local.yaml", []),
+    "8x3_global": (8, "layout_8x3_global.yaml", []),
+    "8x3_combined": (8, "layout_8x3_combined.yaml", []),
+    "8x3_bank": (8, "layout_8x3_bank.yaml", []),
+    "4x6_global": (4, "layout_4x6_global.yaml", []),
+    "2x12_global": (2, "layout_2x12_global.yaml", []),
+    "8x3_accum2": (8, "layout_8x3_accum2.yaml", []),
+    "8x3_local_unsynced": (8, "layout_8x3_local.yaml", ["--unsynced_energy_head", "true"]),
+}
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace, port: int) -> dict:
+    procs, config, extra = LAYOUTS[name]
+    run_name = f"{name}_s{seed}"
+    launcher = ["--multi_gpu", "--num_processes", str(procs)] if procs > 1 else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "recipes" / "train_energy.py"), "--config", str(ROOT / "recipes" / "configs" / config),
+           "--output_dir", str(args.out), "--run_name", run_name, "--seed", str(seed),
+           "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every), "--log_with", "none",
+           "--no_progress", "--num_episodes", str(args.num_episodes), "--num_targets", str(args.num_targets),
+           "--backbone", args.backbone, *extra, *args.extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    metrics = json.loads((args.out / run_name / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.time() - t0
+    return metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max_steps", type=int, default=120)
+    p.add_argument("--eval_every", type=int, default=40)
+    p.add_argument("--num_episodes", type=int, default=160)
+    p.add_argument("--num_targets", type=int, default=3)
+    p.add_argument("--backbone", default="tiny-llava")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_learning")
+    p.add_argument("extra", nargs="*", help="more recipe flags after --, e.g. -- --tau 0.2")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    port = 29700
+    for name in args.layouts:
+        for seed in args.seeds:
+            port += 1
+            m = run_one(name, seed, args, port)
+            results.setdefault(name, []).append(m)
+            print(f"{name} seed {seed}: top1 {m['top1_acc']:.3f} gap {m['gap']:.3f} ({m['wall_seconds']:.0f}s)",
+                  flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n| layout | top-1 acc (mean ± sd over {len(args.seeds)} seeds) | energy gap | negatives/positive |")
+    print("|---|---|---|---|")
+    for name, runs in results.items():
+        acc = [r["top1_acc"] for r in runs]
+        gap = [r["gap"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        gsd = statistics.stdev(gap) if len(gap) > 1 else 0.0
+        print(f"| {name} | {statistics.mean(acc):.3f} ± {sd:.3f} | {statistics.mean(gap):.3f} ± {gsd:.3f} | "
+              f"{runs[0]['negatives_per_positive']:.0f} |")
+    print(f"chance: {runs[0]['chance_acc']:.3f}")
+    plot(results, args.out / "learning_curves.png")
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    """Held-out top-1 accuracy against optimizer steps, mean over seeds, one line per layout."""
+    from vla_energy.report import plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in results.items():
+        curves = [{h["step"]: h["eval/top1_acc"] for h in r["history"] if "eval/top1_acc" in h} for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], marker="o", label=name)
+    ax.axhline(1 / 32, color="k", ls="--", lw=1, label="chance")
+    ax.set_xlabel("optimizer step (24 samples each)")
+    ax.set_ylabel("held-out top-1 acc (32-way)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

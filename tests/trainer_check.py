@@ -1,0 +1,110 @@
+"""EnergyTrainer gradient-weight check, run in-process (1 process) or by `accelerate launch` (2 processes).
+
+The energy head's gradient at the first optimizer step must equal the mean over micro-batches of
+energy_loss_weight x the gradient of the micro-batch's (global) energy loss: neither doubled nor halved by the
+Trainer's loss scaling (gradient accumulation, num_items_in_batch, world size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import TrainerCallback, TrainingArguments
+
+from vla_energy.backbone import backbone_inputs, hidden_size_of
+from vla_energy.data import DataConfig, VLACollator, build_datasets
+from vla_energy.lora import LoraArguments, apply_lora
+from vla_energy.losses import inbatch_infonce_loss
+from vla_energy.models import load_backbone
+from vla_energy.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.trainer import EnergyTrainer, EnergyVLAModel
+
+WEIGHT = 0.7
+B = 3
+
+
+class _SequentialTrainer(EnergyTrainer):
+    """Fixed sample order, so the reference knows which samples form each micro-batch."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class _GradCapture(TrainerCallback):
+    def __init__(self, head):
+        self.head = head
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.head.named_parameters()}
+
+
+def build(cache_dir: str, **energy_overrides):
+    torch.manual_seed(0)
+    data_cfg = DataConfig(dataset="synthetic", num_episodes=12, horizon=4, cache_dir=cache_dir)
+    train_ds, _, _ = build_datasets(data_cfg, progress=False)
+    loaded = load_backbone("tiny-llava")
+    backbone = apply_lora(loaded.model, LoraArguments(use_lora=False))
+    settings = dict(strategy="global", energy_loss_weight=WEIGHT, l1_loss_weight=0.0, energy_hidden_dim=32,
+                    action_head_dim=32)
+    args = EnergyArguments(**{**settings, **energy_overrides})
+    action_dim = len(train_ds[0]["actions"][0])
+    plugin = EnergyPlugin(args, hidden_size_of(loaded.model), action_dim, 4, loaded.action_token_id)
+    collator = VLACollator(loaded.processor, horizon=4, action_token=loaded.action_token)
+    return train_ds, loaded, backbone, plugin, collator
+
+
+def run(grad_accum: int, out_dir: str, cache_dir: str) -> float:
+    train_ds, loaded, backbone, plugin, collator = build(cache_dir)
+    initial = {k: v.clone() for k, v in plugin.energy_head.state_dict().items()}
+    model = EnergyVLAModel(backbone, plugin)
+    capture = _GradCapture(plugin.energy_head)
+    targs = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=B, gradient_accumulation_steps=grad_accum, max_steps=1,
+        learning_rate=1e-3, max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = _SequentialTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
+                                 callbacks=[capture])
+    trainer.train()
+    world = trainer.accelerator.num_processes
+
+    # Reference: one process, the union of all ranks' micro-batch k = rows [k*W*B, (k+1)*W*B) in order.
+    ref_head = type(plugin.energy_head)(plugin.energy_head.config)
+    ref_head.load_state_dict(initial)
+    ref_head.train()
+    for k in range(grad_accum):
+        rows = [train_ds[i] for i in range(k * world * B, (k + 1) * world * B)]
+        batch = collator(rows)
+        with torch.no_grad():
+            out = backbone(**backbone_inputs(batch), output_hidden_states=True)
+        readout = plugin.read(out, batch)
+        energies = ref_head(readout.context, pool=batch["actions"], context_mask=readout.context_mask,
+                            pool_action_mask=batch["action_mask"])
+        loss, _ = inbatch_infonce_loss(energies, torch.arange(len(rows)), tau=plugin.args.tau)
+        (WEIGHT * loss / grad_accum).backward()
+    worst = 0.0
+    for name, p in ref_head.named_parameters():
+        got = capture.grads[name]
+        scale = p.grad.abs().max().clamp(min=1e-12)
+        worst = max(worst, float((got - p.grad).abs().max() / scale))
+    if trainer.accelerator.is_main_process:
+        with open(os.path.join(out_dir, f"grad_check_ga{grad_accum}_w{world}.json"), "w") as f:
+            json.dump({"max_rel_err": worst, "world": world}, f)
+    return worst
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--cache_dir", required=True)
+    a = parser.parse_args()
+    err = run(a.grad_accum, a.out_dir, a.cache_dir)
+    sys.exit(0 if err < 1e-4 else 1)

@@ -1,0 +1,81 @@
+"""Atomic checkpoints around accelerator.save_state, finding the latest complete one, and the loop's state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from accelerate import Accelerator
+
+__all__ = ["TrainState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "COMPLETE_MARKER"]
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+@dataclass
+class TrainState:
+    """Loop counters and the metric history, saved with every checkpoint (register_for_checkpointing)."""
+
+    step: int = 0
+    micro_step: int = 0
+    skipped_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"json": json.dumps(asdict(self))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = json.loads(state["json"])
+        self.step, self.micro_step = int(values["step"]), int(values["micro_step"])
+        self.skipped_steps, self.history = int(values["skipped_steps"]), list(values["history"])
+
+
+def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int) -> Path:
+    """accelerator.save_state into `directory.tmp`, then a completion marker and an atomic rename."""
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step under `checkpoints_dir` (half-written ones are ignored)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None
+    done = []
+    for d in root.iterdir():
+        marker = d / COMPLETE_MARKER
+        if d.is_dir() and not d.name.endswith(".tmp") and marker.exists():
+            done.append((int(json.loads(marker.read_text())["step"]), d))
+    return max(done)[1] if done else None
+
+
+def resolve_resume(resume_from: str, run_dir: Path) -> Path:
+    """`latest` -> the newest complete checkpoint of this run; a path must be a complete checkpoint."""
+    if resume_from == "latest":
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'} to resume from")
+        return found
+    path = Path(resume_from)
+    if not (path / COMPLETE_MARKER).exists():
+        raise ValueError(
+            f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}); it may be truncated by a killed save. "
+            f"Use --resume_from latest to pick the newest complete one"
+        )
+    return path

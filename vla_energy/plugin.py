@@ -1,0 +1,231 @@
+"""EnergyPlugin: action head + energy head + negatives + strategy; the one object a training loop talks to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from .action_head import ActionHead, ActionHeadConfig
+from .backbone import BackboneReadout, read_backbone
+from .bank import ActionBank
+from .head import EnergyHead, EnergyHeadConfig
+from .negatives import build_negatives
+from .strategy import STRATEGIES, StrategyPlan, plan_strategy, strategy_loss
+from .temperature import make_temperature
+
+__all__ = ["EnergyArguments", "EnergyPlugin", "masked_l1"]
+
+
+@dataclass
+class EnergyArguments:
+    """Energy-head options; defaults follow seed 000 (head, tau, negatives) and seed 002 (strategy, layers)."""
+
+    energy_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the energy loss in the total."})
+    l1_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the policy's action L1 loss."})
+    strategy: str = field(default="combined", metadata={"help": f"Negatives strategy, one of {STRATEGIES}."})
+    tau: float = field(default=0.3, metadata={"help": "InfoNCE temperature (seed 000: 0.3)."})
+    temperature: str = field(
+        default="fixed", metadata={"help": "fixed | adaptive (seed 000 gap rule) | learnable (CLIP-style)."}
+    )
+    num_negatives: int = field(default=8, metadata={"help": "Explicit negatives per positive M (seed 002: 8)."})
+    layer_negatives: str = field(
+        default="fixed", metadata={"help": "fixed (seed 002 layers [0, L//3, L//2, -2]) | mid_energy (seed 000) | none"}
+    )
+    noise_sigmas: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.4], metadata={"help": "Noise negatives' sigmas (seed 002)."}
+    )
+    shuffle_negative: bool = field(default=True, metadata={"help": "Add a temporal-shuffle negative (seed 002)."})
+    false_negative_eps: float = field(
+        default=1e-2, metadata={"help": "Negatives within this RMS distance of the positive are masked."}
+    )
+    bank_size: int = field(default=0, metadata={"help": "ActionBank size (0: no bank)."})
+    symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
+    context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})
+    detach_context: bool = field(
+        default=True, metadata={"help": "Stop the energy loss's gradient at the backbone (it then moves only heads)."}
+    )
+    energy_hidden_dim: int = field(default=128, metadata={"help": "Energy head width."})
+    energy_num_heads: int = field(default=4, metadata={"help": "Energy head attention heads."})
+    energy_num_layers: int = field(default=2, metadata={"help": "Energy head blocks."})
+    energy_dropout: float = field(default=0.0, metadata={"help": "Energy head dropout."})
+    energy_activation: str = field(default="sigmoid", metadata={"help": "sigmoid | softplus | none (seed 000: sigmoid)."})
+    energy_input_scale: float = field(default=0.5, metadata={"help": "Seed 000: sigmoid(0.5 * raw)."})
+    energy_scale: float = field(default=2.0, metadata={"help": "Seed 000: * 2.0."})
+    energy_offset: float = field(default=0.1, metadata={"help": "Seed 000: + 0.1, so E in (0.1, 2.1)."})
+    action_head_dim: int = field(default=256, metadata={"help": "Width of the action head's MLP."})
+    negatives_seed: int = field(default=0, metadata={"help": "Seed of the noise/shuffle negatives (+ process index)."})
+
+
+def masked_l1(pred: Tensor, target: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean absolute error over real action steps."""
+    err = (pred.float() - target.float()).abs()
+    if action_mask is None:
+        return err.mean()
+    weights = action_mask.to(err.dtype).unsqueeze(-1).expand_as(err)
+    return (err * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class EnergyPlugin:
+    """Holds the action head and energy head (modules for accelerator.prepare) and computes the total loss."""
+
+    def __init__(
+        self,
+        args: EnergyArguments,
+        hidden_size: int,
+        action_dim: int,
+        horizon: int,
+        action_token_id: int,
+    ) -> None:
+        self.args = args
+        self.horizon = int(horizon)
+        self.action_dim = int(action_dim)
+        self.action_token_id = int(action_token_id)
+        self.action_head: nn.Module = ActionHead(
+            ActionHeadConfig(hidden_size=hidden_size, action_dim=action_dim, horizon=horizon,
+                             mlp_dim=args.action_head_dim)
+        )
+        self.energy_head: nn.Module = EnergyHead(
+            EnergyHeadConfig(
+                context_dim=hidden_size, action_dim=action_dim, horizon=horizon, hidden_dim=args.energy_hidden_dim,
+                num_heads=args.energy_num_heads, num_layers=args.energy_num_layers, dropout=args.energy_dropout,
+                energy_activation=args.energy_activation, energy_input_scale=args.energy_input_scale,
+                energy_scale=args.energy_scale, energy_offset=args.energy_offset,
+            )
+        )
+        self.temperature: nn.Module = make_temperature(args.temperature, args.tau)
+        self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
+        self.plan: Optional[StrategyPlan] = None
+        self.generator: Optional[torch.Generator] = None
+
+    @classmethod
+    def from_pretrained_heads(cls, args: EnergyArguments, action_head: ActionHead, energy_head: EnergyHead,
+                              action_token_id: int) -> EnergyPlugin:
+        """A plugin around already trained heads (loading a run directory)."""
+        cfg = energy_head.config
+        plugin = cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id)
+        plugin.action_head, plugin.energy_head = action_head, energy_head
+        return plugin
+
+    def setup(self, accelerator: Accelerator, local_batch: int) -> StrategyPlan:
+        """Fix the strategy from the configured layout (never from a smaller last batch) and the RNG per process."""
+        self.plan = plan_strategy(self.args.strategy, accelerator.num_processes, local_batch)
+        self.generator = torch.Generator(device=accelerator.device)
+        self.generator.manual_seed(self.args.negatives_seed + accelerator.process_index)
+        self.temperature.to(accelerator.device)
+        if self.bank is not None:
+            self.bank.to(accelerator.device)
+        return self.plan
+
+    def energy_modules(self) -> list[nn.Module]:
+        """Modules trained at the energy learning rate (the head, and a learnable temperature)."""
+        learnable = any(p.requires_grad for p in self.temperature.parameters())
+        return [self.energy_head, self.temperature] if learnable else [self.energy_head]
+
+    def read(self, outputs: Any, batch: Mapping[str, Tensor]) -> BackboneReadout:
+        """Context and placeholder hidden states from a backbone output (with hidden_states)."""
+        hidden = getattr(outputs, "hidden_states", None) if not isinstance(outputs, (tuple, list)) else outputs
+        return read_backbone(
+            hidden, batch["input_ids"], batch.get("attention_mask"), self.action_token_id, self.horizon,
+            context_layer=self.args.context_layer, detach_context=self.args.detach_context,
+        )
+
+    def predict_actions(self, readout: BackboneReadout) -> tuple[Tensor, list[Tensor]]:
+        """Policy chunk (last layer, with grad) and the detached layer-wise predictions of layers 1..L."""
+        preds = self.action_head(readout.action_hidden)  # [L,B,H,Da] in one call
+        return preds[-1], [p.detach() for p in preds]
+
+    def compute_loss(
+        self, outputs: Any, batch: Mapping[str, Tensor], accelerator: Accelerator
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Total loss = l1_weight * L1(policy, actions) + energy_weight * energy InfoNCE; plus flat metrics."""
+        if self.plan is None:
+            raise RuntimeError("call plugin.setup(accelerator, local_batch) before compute_loss")
+        readout = self.read(outputs, batch)
+        actions = batch["actions"]
+        action_mask = batch.get("action_mask")
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != (self.horizon, self.action_dim):
+            raise ValueError(
+                f"actions has shape {tuple(actions.shape)}, expected (B, H={self.horizon}, Da={self.action_dim})"
+            )
+        policy, layer_actions = self.predict_actions(readout)
+        l1 = masked_l1(policy, actions, action_mask)
+        energy_loss, stats = self.energy_loss(readout, actions, action_mask, batch.get("sample_id"),
+                                              layer_actions, accelerator)
+        total = self.args.l1_loss_weight * l1 + self.args.energy_loss_weight * energy_loss
+        metrics = {"loss": float(total.detach()), "l1": float(l1.detach()), "energy_loss": float(energy_loss.detach())}
+        metrics.update({f"energy/{k}": v for k, v in stats.items()})
+        return total, metrics
+
+    def energy_loss(
+        self,
+        readout: BackboneReadout,
+        actions: Tensor,
+        action_mask: Optional[Tensor],
+        sample_ids: Optional[Tensor],
+        layer_actions: Optional[list[Tensor]],
+        accelerator: Accelerator,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Energy InfoNCE with the planned strategy; users with their own context/layer_actions call this."""
+        head, ctx, cmask = self.energy_head, readout.context, readout.context_mask
+        negatives = None
+        if self.plan.explicit:
+            def energy_fn(chunk: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return head(ctx, chunk, context_mask=cmask, action_mask=action_mask)
+
+            negatives = build_negatives(
+                actions,
+                layer_actions if self.args.layer_negatives != "none" else None,
+                num_negatives=self.args.num_negatives,
+                layer_mode=self.args.layer_negatives,
+                noise_sigmas=tuple(self.args.noise_sigmas),
+                shuffle=self.args.shuffle_negative,
+                energy_fn=energy_fn if self.args.layer_negatives == "mid_energy" else None,
+                false_negative_eps=self.args.false_negative_eps,
+                action_mask=action_mask,
+                generator=self.generator,
+            )
+        return strategy_loss(
+            self.plan, head, ctx, actions, accelerator,
+            context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
+            action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
+        )
+
+    def after_optimizer_step(self) -> None:
+        """Enqueue this step's gathered actions into the bank (identical on every rank)."""
+        if self.bank is not None:
+            self.bank.commit()
+
+    def skip_step(self) -> None:
+        """Forget what this step staged (a skipped, non-finite step)."""
+        if self.bank is not None:
+            self.bank.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bank, temperature and negatives RNG: what `accelerator.register_for_checkpointing(plugin)` saves."""
+        state: dict[str, Any] = {"temperature": self.temperature.state_dict()}
+        if self.bank is not None:
+            state["bank"] = self.bank.state_dict()
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict saved."""
+        self.temperature.load_state_dict(state["temperature"])
+        if self.bank is not None:
+            if "bank" not in state:
+                raise ValueError("checkpoint has no action bank state but bank_size > 0")
+            self.bank.load_state_dict(state["bank"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
+
+    def config_dict(self) -> dict[str, Any]:
+        """The plugin's settings as JSON-able values (saved beside the heads)."""
+        return {"args": asdict(self.args), "horizon": self.horizon, "action_dim": self.action_dim,
+                "action_token_id": self.action_token_id}

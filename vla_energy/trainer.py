@@ -1,0 +1,204 @@
+"""transformers.Trainer integration: EnergyVLAModel (backbone + heads), EnergyLossMixin, EnergyTrainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from .backbone import backbone_inputs
+from .plugin import EnergyPlugin
+from .schedule import ProgressiveSchedule
+
+__all__ = ["EnergyVLAModel", "EnergyLossMixin", "EnergyTrainer", "ProgressiveScheduleCallback", "PLUGIN_STATE"]
+
+PLUGIN_STATE = "energy_plugin_state"
+
+
+class EnergyVLAModel(nn.Module):
+    """The backbone and both heads in one module, so the Trainer's DDP/FSDP/DeepSpeed and checkpoints cover all."""
+
+    def __init__(self, backbone: nn.Module, plugin: EnergyPlugin) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.action_head = plugin.action_head
+        self.energy_head = plugin.energy_head
+        self.temperature = plugin.temperature
+        self.plugin = plugin
+
+    def forward(self, accelerator: Any = None, **inputs: Tensor) -> dict[str, Any]:
+        """Backbone forward (with the model's own loss when `labels` are given) plus the plugin's losses."""
+        outputs = self.backbone(**backbone_inputs(inputs), output_hidden_states=True)
+        head_loss, metrics = self.plugin.compute_loss(outputs, inputs, accelerator)
+        lm_loss = getattr(outputs, "loss", None) if "labels" in inputs else None
+        return {"loss": head_loss if lm_loss is None else head_loss + lm_loss, "head_loss": head_loss,
+                "lm_loss": lm_loss, "metrics": metrics}
+
+
+class ProgressiveScheduleCallback(TrainerCallback):
+    """Seed 000's schedule in a Trainer: lr scale on the energy group, max_grad_norm per step."""
+
+    def __init__(self, schedule: ProgressiveSchedule, energy_group: int = -1) -> None:
+        self.schedule = schedule
+        self.energy_group = energy_group
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if lambdas is None:
+            raise ValueError(f"the progressive schedule needs a LambdaLR scheduler, got {type(lr_scheduler).__name__}")
+        i = self.energy_group % len(lambdas)
+        if not getattr(lambdas[i], "_vla_energy_scaled", False):
+            base = lambdas[i]
+
+            def scaled(step: int, base=base) -> float:
+                return base(step) * self.schedule.lr_scale(step)
+
+            scaled._vla_energy_scaled = True
+            lambdas[i] = scaled
+            # LambdaLR set the group's lr at construction; apply the scaled lambda to the current step now.
+            group = optimizer.param_groups[i]
+            group["lr"] = lr_scheduler.base_lrs[i] * scaled(lr_scheduler.last_epoch)
+        args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The Trainer clips all parameters with args.max_grad_norm; the seed's clip follows the step.
+        args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
+
+
+class _BankCallback(TrainerCallback):
+    """Enqueue the gathered actions into the bank after each optimizer step."""
+
+    def __init__(self, plugin: EnergyPlugin) -> None:
+        self.plugin = plugin
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.plugin.after_optimizer_step()
+
+
+class EnergyLossMixin:
+    """Adds the energy loss to a Trainer subclass: `class MyTrainer(EnergyLossMixin, SomeTrainer)`.
+
+    The model must be an EnergyVLAModel. The returned loss is a per-micro-batch mean: the Trainer divides it by
+    the accumulation steps and never rescales it by num_items_in_batch or the world size, so the energy term keeps
+    exactly its configured weight.
+    """
+
+    # Read by transformers >= 5.x: our loss is a per-batch mean (the Trainer divides by accumulation steps).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, energy_lr_scale: float = 0.1, schedule: Optional[ProgressiveSchedule] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = self.model
+        if not isinstance(model, EnergyVLAModel):
+            raise ValueError(f"EnergyLossMixin needs an EnergyVLAModel, got {type(model).__name__}")
+        self.energy_plugin: EnergyPlugin = model.plugin
+        self.energy_lr_scale = energy_lr_scale
+        # Older Trainers decide GA scaling from this flag: False = "the Trainer divides by accumulation steps".
+        self.model_accepts_loss_kwargs = False
+        if self.args.remove_unused_columns:
+            # The forward takes **inputs, so the Trainer would drop `actions` & co; the collator picks columns.
+            self.args.remove_unused_columns = False
+        self._energy_metrics: dict[str, float] = {}
+        self._energy_count = 0
+        self.add_callback(_BankCallback(self.energy_plugin))
+        if schedule is not None:
+            self.add_callback(ProgressiveScheduleCallback(schedule))
+
+    def create_optimizer(self, model: Optional[nn.Module] = None):
+        """AdamW with the energy head (and a learnable temperature) in its own group at lr x energy_lr_scale."""
+        if self.optimizer is None:
+            from .lora import param_groups
+
+            net: EnergyVLAModel = self.model
+            groups = param_groups(net.backbone, net.action_head, self.energy_plugin.energy_modules(),
+                                  self.args.learning_rate, self.energy_lr_scale, self.args.weight_decay)
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, net)
+            kwargs.pop("lr", None)
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Model's own loss (with labels) + L1 + energy_loss_weight x global InfoNCE with the Trainer's accelerator."""
+        if self.energy_plugin.plan is None:
+            self.energy_plugin.setup(self.accelerator, self.args.per_device_train_batch_size)
+        outputs = model(accelerator=self.accelerator, **inputs)
+        if model.training:
+            for k, v in outputs["metrics"].items():
+                self._energy_metrics[k] = self._energy_metrics.get(k, 0.0) + v
+            self._energy_count += 1
+        loss = outputs["loss"]
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the energy metrics since the last log, averaged over steps and processes."""
+        if self._energy_count and "loss" in logs:
+            keys = sorted(self._energy_metrics)
+            local = torch.tensor([self._energy_metrics[k] / self._energy_count for k in keys],
+                                 device=self.accelerator.device)
+            mean = self.accelerator.reduce(local, reduction="mean")
+            logs.update({f"energy_{k}" if not k.startswith("energy") else k: float(v) for k, v in zip(keys, mean)})
+            self._energy_metrics.clear()
+            self._energy_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            save_plugin_state(self.energy_plugin, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_plugin_state(self.energy_plugin, Path(resume_from_checkpoint))
+
+
+def save_plugin_state(plugin: EnergyPlugin, folder: Path) -> None:
+    """Bank, temperature and negatives RNG as safetensors + JSON (no pickle)."""
+    tensors, meta = _flatten(plugin.state_dict())
+    save_file(tensors, str(folder / f"{PLUGIN_STATE}.safetensors"))
+    (folder / f"{PLUGIN_STATE}.json").write_text(json.dumps(meta))
+
+
+def load_plugin_state(plugin: EnergyPlugin, folder: Path) -> None:
+    """Restore what save_plugin_state wrote."""
+    path = folder / f"{PLUGIN_STATE}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no {path.name}: not a checkpoint written by EnergyTrainer")
+    plugin.load_state_dict(_unflatten(load_file(str(path)), json.loads((folder / f"{PLUGIN_STATE}.json").read_text())))
+
+
+def _flatten(state: dict, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            t, m = _flatten(value, name + ".")
+            tensors.update(t)
+            meta.update(m)
+        elif isinstance(value, Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        else:
+            meta[name] = value
+    return tensors, meta
+
+
+def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict:
+    out: dict = {}
+    for name, value in [*tensors.items(), *meta.items()]:
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+class EnergyTrainer(EnergyLossMixin, Trainer):
+    """transformers.Trainer with the energy loss; pass model=EnergyVLAModel(backbone, plugin)."""
