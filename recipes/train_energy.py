@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vla_energy.backbone import backbone_inputs, hidden_size_of
-from vla_energy.checkpoint import TrainState, resolve_resume, save_checkpoint
+from vla_energy.checkpoint import TrainState, load_states, resolve_resume, save_checkpoint
 from vla_energy.config import parse_config, save_run_config
 from vla_energy.data import VLACollator, build_datasets
 from vla_energy.evaluation import evaluate
@@ -87,14 +87,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             backbone, plugin.action_head, plugin.energy_head, optimizer, train_dl)
     if any(p.requires_grad for p in plugin.temperature.parameters()):
         plugin.temperature = accelerator.prepare(plugin.temperature)  # a learnable tau must stay equal on all ranks
+    # Saved beside accelerate's state as safetensors + JSON (accelerate would pickle registered objects).
     state = TrainState()
-    accelerator.register_for_checkpointing(lr_scheduler, plugin, state)
+    extra_states = {"lr_scheduler": lr_scheduler, "energy_plugin": plugin, "train_state": state}
     policy_params = [p for m in (backbone, plugin.action_head) for p in m.parameters() if p.requires_grad]
     energy_params = [p for m in plugin.energy_modules() for p in m.parameters() if p.requires_grad]
 
     if train.resume_from:
         checkpoint = resolve_resume(train.resume_from, run_dir)
         accelerator.load_state(str(checkpoint))
+        load_states(checkpoint, extra_states)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in ev.items()}})
                 accelerator.wait_for_everyone()
             if train.save_every and state.step % train.save_every == 0:
-                save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step)
+                save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step,
+                                extra_states)
             if state.step >= train.max_steps:
                 break
     progress.close()

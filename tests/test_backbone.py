@@ -48,9 +48,12 @@ def test_readout_layers_lora_and_overfit(kind, tmp_path):
     assert readout.action_hidden.shape == (layers, B, H, d)
     assert readout.context.shape[0] == B and readout.context.shape[-1] == d
     assert not readout.context.requires_grad  # detach_context=True by default
-    # Placeholders and padding are not part of the energy head's context.
+    # Padding is not part of the energy head's context; the placeholders are unless switched off.
     is_action = batch["input_ids"] == loaded.action_token_id
-    assert not bool((readout.context_mask & is_action).any())
+    assert torch.equal(readout.context_mask, batch["attention_mask"].bool())
+    plugin.args.context_includes_placeholders = False
+    assert not bool((plugin.read(outputs, batch).context_mask & is_action).any())
+    plugin.args.context_includes_placeholders = True
     policy, layer_preds = plugin.predict_actions(readout)
     assert policy.shape == (B, H, DA) and len(layer_preds) == layers
     assert all(p.shape == (B, H, DA) and not p.requires_grad for p in layer_preds)
@@ -111,7 +114,8 @@ def test_bad_inputs_raise():
 def test_read_backbone_left_padding_order():
     hidden = [torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1).expand(2, 5, 2) + i for i in range(3)]
     ids = torch.tensor([[0, 7, 9, 9, 1], [7, 9, 1, 9, 1]])
-    r = read_backbone(hidden, ids, torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), action_token_id=9, horizon=2)
+    r = read_backbone(hidden, ids, torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), action_token_id=9, horizon=2,
+                      include_placeholders=False)
     assert r.action_hidden.shape == (2, 2, 2, 2)
     assert r.action_hidden[0, 0, :, 0].tolist() == [3.0, 4.0]  # layer 1, row 0: positions 2, 3
     assert r.action_hidden[1, 1, :, 0].tolist() == [8.0, 10.0]  # layer 2, row 1: positions 1, 3

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState
 
 from vla_energy import EnergyHead, EnergyHeadConfig
 from vla_energy.bank import ActionBank
@@ -71,8 +72,14 @@ def _slice(data, start, stop):
     return {k: v[start:stop] for k, v in data.items()}
 
 
+def _fresh_accelerator(**kwargs) -> Accelerator:
+    """Forked workers inherit accelerate's singleton state from the pytest process: start from a clean one."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=True, **kwargs)
+
+
 def _worker(out_dir: str, sizes: list, prepared: bool) -> None:
-    accelerator = Accelerator(cpu=True)
+    accelerator = _fresh_accelerator()
     rank = accelerator.process_index
     data = _data(sum(sizes))
     local = _slice(data, sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -86,7 +93,8 @@ def _worker(out_dir: str, sizes: list, prepared: bool) -> None:
         if not prepared:  # what DDP does: the mean over processes
             grads = accelerator.reduce(grads, reduction="mean")
         mean_loss = accelerator.reduce(loss.detach().reshape(1), reduction="mean")
-        results[name] = {"loss": float(mean_loss), "grads": grads.tolist(), "stats": stats}
+        results[name] = {"loss": float(mean_loss), "grads": grads.tolist(), "stats": stats,
+                         "world": accelerator.num_processes}
     if rank == 0:
         Path(out_dir, "result.json").write_text(json.dumps(results))
 
@@ -125,6 +133,7 @@ def test_multiprocess_equals_single_process(tmp_path, sizes, prepared):
     got = json.loads((tmp_path / "result.json").read_text())
     ref = _reference(sizes)
     for name in CASES:
+        assert got[name]["world"] == len(sizes)
         assert got[name]["loss"] == pytest.approx(ref[name]["loss"], rel=1e-6), name
         g = torch.tensor(got[name]["grads"], dtype=torch.float64)
         assert torch.allclose(g, ref[name]["grads"], rtol=1e-6, atol=1e-10), name
@@ -133,7 +142,7 @@ def test_multiprocess_equals_single_process(tmp_path, sizes, prepared):
 
 
 def _mismatch_worker(out_dir: str) -> None:
-    accelerator = Accelerator(cpu=True)
+    accelerator = _fresh_accelerator()
     rank = accelerator.process_index
     try:
         gather_actions(accelerator, torch.zeros(2, H, DA + rank))
@@ -149,7 +158,7 @@ def test_mismatched_shapes_raise_on_every_rank(tmp_path):
 
 
 def _accumulate_worker(out_dir: str) -> None:
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    accelerator = _fresh_accelerator(gradient_accumulation_steps=2)
     rank = accelerator.process_index
     head = _head()
     model = accelerator.prepare(head)

@@ -89,11 +89,10 @@ def run(grad_accum: int, out_dir: str, cache_dir: str) -> float:
                             pool_action_mask=batch["action_mask"])
         loss, _ = inbatch_infonce_loss(energies, torch.arange(len(rows)), tau=plugin.args.tau)
         (WEIGHT * loss / grad_accum).backward()
-    worst = 0.0
-    for name, p in ref_head.named_parameters():
-        got = capture.grads[name]
-        scale = p.grad.abs().max().clamp(min=1e-12)
-        worst = max(worst, float((got - p.grad).abs().max() / scale))
+    # Relative to the largest reference gradient: some entries are exactly 0 in theory (the last bias: the
+    # softmax-minus-one-hot sums to zero), so a per-tensor relative error would divide float noise by noise.
+    scale = max(float(p.grad.abs().max()) for p in ref_head.parameters())
+    worst = max(float((capture.grads[n] - p.grad).abs().max()) for n, p in ref_head.named_parameters()) / scale
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out_dir, f"grad_check_ga{grad_accum}_w{world}.json"), "w") as f:
             json.dump({"max_rel_err": worst, "world": world}, f)
@@ -107,4 +106,4 @@ if __name__ == "__main__":
     parser.add_argument("--cache_dir", required=True)
     a = parser.parse_args()
     err = run(a.grad_accum, a.out_dir, a.cache_dir)
-    sys.exit(0 if err < 1e-4 else 1)
+    sys.exit(0 if err < 1e-3 else 1)  # float32 noise ~1e-4; a doubled or halved term is >= 0.5

@@ -28,7 +28,7 @@ class BackboneReadout:
     """What the plugin reads from one backbone forward."""
 
     context: Tensor  # [B,S,D] hidden states of the chosen layer
-    context_mask: Tensor  # [B,S] bool, True = a real (non-padding, non-placeholder) token
+    context_mask: Tensor  # [B,S] bool, True = a real (non-padding) token
     action_hidden: Tensor  # [L,B,H,D] hidden states at the H placeholders for layers 1..L
 
 
@@ -68,6 +68,7 @@ def read_backbone(
     horizon: int,
     context_layer: int = -1,
     detach_context: bool = True,
+    include_placeholders: bool = True,
 ) -> BackboneReadout:
     """Context for the energy head and the per-layer hidden states at the H action placeholders."""
     if hidden_states is None or len(hidden_states) < 2:
@@ -101,7 +102,7 @@ def read_backbone(
     context = hidden_states[context_layer]
     return BackboneReadout(
         context=context.detach() if detach_context else context,
-        context_mask=real & ~is_action,
+        context_mask=real if include_placeholders else real & ~is_action,
         action_hidden=action_hidden,
     )
 

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-__all__ = ["TrainState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "COMPLETE_MARKER"]
+__all__ = ["TrainState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "save_states", "load_states",
+           "COMPLETE_MARKER"]
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 
@@ -34,8 +37,59 @@ class TrainState:
         self.skipped_steps, self.history = int(values["skipped_steps"]), list(values["history"])
 
 
-def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int) -> Path:
-    """accelerator.save_state into `directory.tmp`, then a completion marker and an atomic rename."""
+def save_states(folder: Path, objects: dict[str, Any]) -> None:
+    """state_dict() of each object as `<name>.safetensors` (tensors) + `<name>.json` (the rest): no pickle."""
+    for name, obj in objects.items():
+        tensors, meta = _flatten(obj.state_dict())
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+
+
+def load_states(folder: Path, objects: dict[str, Any]) -> None:
+    """Restore what save_states wrote; a missing or unreadable file is a clear error."""
+    for name, obj in objects.items():
+        path = folder / f"{name}.safetensors"
+        if not path.exists() or not (folder / f"{name}.json").exists():
+            raise FileNotFoundError(f"{folder} has no {name}.safetensors/.json: incomplete or foreign checkpoint")
+        try:
+            tensors, meta = load_file(str(path)), json.loads((folder / f"{name}.json").read_text())
+        except Exception as e:  # safetensors / JSON parse errors of a truncated file
+            raise ValueError(f"{path} (or its .json) is corrupted: {e}") from e
+        obj.load_state_dict(_unflatten(tensors, meta))
+
+
+def _flatten(state: dict, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if "/" in str(key):
+            raise ValueError(f"state key {key!r} contains '/'")
+        if isinstance(value, dict):
+            t, m = _flatten(value, name + "/")
+            tensors.update(t)
+            meta.update(m)
+        elif isinstance(value, Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        else:
+            meta[name] = value
+    return tensors, meta
+
+
+def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict:
+    out: dict = {}
+    for name, value in [*tensors.items(), *meta.items()]:
+        node = out
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int,
+                    states: Optional[dict[str, Any]] = None) -> Path:
+    """accelerator.save_state (+ `states` as safetensors/JSON) into `directory.tmp`, a marker, an atomic rename."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -44,6 +98,7 @@ def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int) 
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_states(tmp, states or {})
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
         if final.exists():
             shutil.rmtree(final)

@@ -10,6 +10,13 @@ from transformers import PreTrainedModel
 from .configuration_energy_head import EnergyHeadConfig
 from .validation import check_mask, check_tensor
 
+try:  # transformers >= 5: init functions that leave loaded weights alone
+    from transformers.initialization import normal_ as _normal
+    from transformers.initialization import zeros_ as _zeros
+except ImportError:  # transformers 4.x
+    from torch.nn.init import normal_ as _normal
+    from torch.nn.init import zeros_ as _zeros
+
 __all__ = ["EnergyHeadConfig", "EnergyHead"]
 
 
@@ -79,6 +86,15 @@ class EnergyHead(PreTrainedModel):
         self.out_norm = nn.LayerNorm(d)
         self.out = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # A small last layer keeps the initial raw output near 0 (E near 1.1, the sigmoid's steep part): at the
+        # trunk's scale it starts saturated and its gradient vanishes (seed 000's failure mode); at exactly 0 the
+        # trunk gets no gradient on the first steps and a toy task did not learn.
+        if module is self.out[-1]:
+            _normal(module.weight, std=self.config.initializer_range / self.config.hidden_dim**0.5)
+            _zeros(module.bias)
 
     @property
     def energy_range(self) -> tuple[float, float] | None:

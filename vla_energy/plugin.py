@@ -46,6 +46,9 @@ class EnergyArguments:
     bank_size: int = field(default=0, metadata={"help": "ActionBank size (0: no bank)."})
     symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
     context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})
+    context_includes_placeholders: bool = field(
+        default=True, metadata={"help": "The energy context includes the action placeholders' hidden states."}
+    )
     detach_context: bool = field(
         default=True, metadata={"help": "Stop the energy loss's gradient at the backbone (it then moves only heads)."}
     )
@@ -132,6 +135,7 @@ class EnergyPlugin:
         return read_backbone(
             hidden, batch["input_ids"], batch.get("attention_mask"), self.action_token_id, self.horizon,
             context_layer=self.args.context_layer, detach_context=self.args.detach_context,
+            include_placeholders=self.args.context_includes_placeholders,
         )
 
     def predict_actions(self, readout: BackboneReadout) -> tuple[Tensor, list[Tensor]]:
@@ -217,7 +221,7 @@ class EnergyPlugin:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what state_dict saved."""
-        self.temperature.load_state_dict(state["temperature"])
+        self.temperature.load_state_dict(state.get("temperature", {}))  # empty when it has no state
         if self.bank is not None:
             if "bank" not in state:
                 raise ValueError("checkpoint has no action bank state but bank_size > 0")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from .backbone import backbone_inputs
+from .checkpoint import load_states, save_states
 from .plugin import EnergyPlugin
 from .schedule import ProgressiveSchedule
 
@@ -142,7 +141,8 @@ class EnergyLossMixin:
             local = torch.tensor([self._energy_metrics[k] / self._energy_count for k in keys],
                                  device=self.accelerator.device)
             mean = self.accelerator.reduce(local, reduction="mean")
-            logs.update({f"energy_{k}" if not k.startswith("energy") else k: float(v) for k, v in zip(keys, mean)})
+            # The plugin's total is `head_loss` here: `loss` is the Trainer's own (it includes an LM loss).
+            logs.update({"head_loss" if k == "loss" else k: float(v) for k, v in zip(keys, mean)})
             self._energy_metrics.clear()
             self._energy_count = 0
         super().log(logs, *args, **kwargs)
@@ -151,53 +151,11 @@ class EnergyLossMixin:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            save_plugin_state(self.energy_plugin, folder)
+            save_states(folder, {PLUGIN_STATE: self.energy_plugin})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_plugin_state(self.energy_plugin, Path(resume_from_checkpoint))
-
-
-def save_plugin_state(plugin: EnergyPlugin, folder: Path) -> None:
-    """Bank, temperature and negatives RNG as safetensors + JSON (no pickle)."""
-    tensors, meta = _flatten(plugin.state_dict())
-    save_file(tensors, str(folder / f"{PLUGIN_STATE}.safetensors"))
-    (folder / f"{PLUGIN_STATE}.json").write_text(json.dumps(meta))
-
-
-def load_plugin_state(plugin: EnergyPlugin, folder: Path) -> None:
-    """Restore what save_plugin_state wrote."""
-    path = folder / f"{PLUGIN_STATE}.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no {path.name}: not a checkpoint written by EnergyTrainer")
-    plugin.load_state_dict(_unflatten(load_file(str(path)), json.loads((folder / f"{PLUGIN_STATE}.json").read_text())))
-
-
-def _flatten(state: dict, prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors: dict[str, Tensor] = {}
-    meta: dict[str, Any] = {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            t, m = _flatten(value, name + ".")
-            tensors.update(t)
-            meta.update(m)
-        elif isinstance(value, Tensor):
-            tensors[name] = value.detach().cpu().contiguous()
-        else:
-            meta[name] = value
-    return tensors, meta
-
-
-def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict:
-    out: dict = {}
-    for name, value in [*tensors.items(), *meta.items()]:
-        node = out
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+        load_states(Path(resume_from_checkpoint), {PLUGIN_STATE: self.energy_plugin})
 
 
 class EnergyTrainer(EnergyLossMixin, Trainer):
