@@ -32,7 +32,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -69,3 +69,11 @@ def test_cli_overrides_yaml_and_unknown_keys_fail(tmp_path):
     bad.write_text("max_step: 3\n")
     with pytest.raises(ValueError, match=r"unknown options \['max_step'\]"):
         load_yaml(bad)
+
+
+def test_configuration_reference_is_current():
+    from vla_energy.config import config_reference_markdown
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_reference_markdown(), (
+        "docs/configuration.md is stale: python -m vla_energy.config > docs/configuration.md"
+    )

@@ -1,0 +1,16 @@
+"""`make bench`: the cost benchmark, then a short learning benchmark; results printed as markdown tables.
+
+The learning part at full size (9 layouts x 3 seeds) takes long on 2 cores: run
+`python benchmarks/bench_learning.py` directly for it; here it runs 3 layouts x 1 seed.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+if __name__ == "__main__":
+    subprocess.run([sys.executable, str(HERE / "bench_cost.py")], check=True)
+    subprocess.run([sys.executable, str(HERE / "bench_learning.py"), "--layouts", "1x24_inbatch", "8x3_local",
+                    "8x3_global", "--seeds", "0"], check=True)
