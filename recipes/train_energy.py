@@ -21,7 +21,7 @@ from vla_energy.backbone import backbone_inputs, hidden_size_of
 from vla_energy.checkpoint import TrainState, load_states, resolve_resume, save_checkpoint
 from vla_energy.config import parse_config, save_run_config
 from vla_energy.data import VLACollator, build_datasets
-from vla_energy.evaluation import evaluate
+from vla_energy.evaluation import evaluate, spread_indices
 from vla_energy.export import save_policy
 from vla_energy.lora import apply_lora, param_groups
 from vla_energy.models import load_backbone
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dl = DataLoader(train_ds, batch_size=train.per_device_batch_size, shuffle=True, collate_fn=collator,
                           num_workers=train.num_workers)
     # Evenly spaced over the held-out split, so that every validation episode is represented.
-    eval_ds = val_ds.select(torch.linspace(0, len(val_ds) - 1, min(len(val_ds), train.eval_max_samples)).long())
+    eval_ds = val_ds.select(spread_indices(len(val_ds), train.eval_max_samples))
     eval_dl = DataLoader(eval_ds, batch_size=32, collate_fn=collator)
 
     optimizer = torch.optim.AdamW(

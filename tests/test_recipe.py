@@ -53,6 +53,49 @@ def test_two_processes_end_to_end_and_resume(tmp_path):
     assert metrics["steps"] == 4
     # The bank came back (16 entries after 2 steps of 8) and grew by 2 more steps: 32 (its size).
     assert metrics["bank_entries"] == 32
+    _check_evaluate_and_policy(run, tmp_path)
+
+
+def _check_evaluate_and_policy(run, tmp_path):
+    """`vla-energy evaluate` on the run matches a direct computation; EnergyPolicy predicts in all modes."""
+    import numpy as np
+    import torch
+
+    from vla_energy.cli import main as cli_main
+    from vla_energy.config import load_run_config
+    from vla_energy.data import build_datasets
+    from vla_energy.evaluation import spread_indices
+    from vla_energy.inference import EnergyPolicy
+
+    os.environ["VLA_ENERGY_CACHE"] = str(tmp_path / "cache")
+    assert cli_main(["evaluate", str(run), "--max_samples", "40", "--no_progress"]) == 0
+    out = json.loads((run / "eval_val" / "metrics.json").read_text())
+    for name in ("energy_by_type.png", "accuracy_by_type.png", "action_l1.png", "report.md"):
+        assert (run / "eval_val" / name).exists()
+    for kind in ("other_episodes", "layer", "noise0.1", "noise0.2", "noise0.4", "shuffle"):
+        assert 0.0 <= out[f"acc/{kind}"] <= 1.0 and f"gap/{kind}" in out
+
+    policy = EnergyPolicy.from_pretrained(run)
+    _, data_cfg, *_ = load_run_config(run)
+    _, val, _ = build_datasets(data_cfg, progress=False)
+    rows = [val[i] for i in spread_indices(len(val), 40)]
+    images, texts = [r["image"] for r in rows], [r["instruction"] for r in rows]
+    chunks = {m: policy.predict(images, texts, mode=m, normalized=True) for m in ("policy", "rerank", "refine")}
+    assert all(c.shape == (40, 4, 3) for c in chunks.values())
+    # Direct computation of the policy's L1 on the same 40 samples equals the command's number.
+    truth = np.array([r["actions"] for r in rows])
+    mask = np.array([r["action_mask"] for r in rows])[..., None]
+    direct = float((np.abs(chunks["policy"] - truth) * mask).sum() / (mask.sum() * truth.shape[-1]))
+    assert out["action_l1/policy"] == pytest.approx(direct, rel=1e-4)
+    raw = policy.predict(images[:2], texts[:2])
+    assert np.allclose(raw, policy.loaded.norm_stats.unnormalize(chunks["policy"][:2]), atol=1e-5)
+    # Refine never raises the energy of the policy's chunk.
+    readout = policy.encode(images, texts)
+    head = policy.plugin.energy_head
+    with torch.no_grad():
+        e_pol = head(readout.context, torch.from_numpy(chunks["policy"]), context_mask=readout.context_mask)
+        e_ref = head(readout.context, torch.from_numpy(chunks["refine"]), context_mask=readout.context_mask)
+    assert bool((e_ref <= e_pol + 1e-6).all())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -18,7 +18,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
 
     from .config import load_run_config
     from .data import VLACollator, build_datasets
-    from .evaluation import collect_eval_outputs, metrics_by_negative_type
+    from .evaluation import collect_eval_outputs, metrics_by_negative_type, spread_indices
     from .export import load_policy
     from .report import plot_energy_histograms, write_metrics, write_report
 
@@ -29,7 +29,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
     policy = load_policy(run_dir, device=device, trust_remote_code=trust_remote_code)
     train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
     ds = val_ds if split == "val" else train_ds
-    ds = ds.select(range(min(len(ds), max_samples)))
+    ds = ds.select(spread_indices(len(ds), max_samples))
     collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"])
     loader = DataLoader(ds, batch_size=32, collate_fn=collator)
     batches = ({k: v.to(device) for k, v in b.items()} for b in loader)

@@ -13,7 +13,13 @@ from tqdm.auto import tqdm
 from .backbone import backbone_inputs
 from .plugin import EnergyPlugin, masked_l1
 
-__all__ = ["fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics", "evaluate"]
+__all__ = ["spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics", "evaluate"]
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over `total` rows, so that every episode of a split is represented."""
+    count = min(total, count)
+    return torch.linspace(0, total - 1, count).long().tolist() if count > 0 else []
 
 
 def fixed_negative_pool(episode_index: Tensor, num_negatives: int = 31, seed: int = 0) -> Tensor:
@@ -185,7 +191,8 @@ def metrics_by_negative_type(
         chosen = rerank(head, ctx, proposals, context_mask=cmask).best.cpu()
         refined = refine(head, ctx, pol, refine_steps, refine_step_size, context_mask=cmask)[0].cpu()
         for name, chunk in (("policy", policy[idx]), ("rerank", chosen), ("refine", refined)):
-            l1[name].append(((chunk - pos).abs() * am[..., None]).sum((1, 2)) / (am.sum(1) * pos.shape[-1]))
+            # Sums, so that the final value weights every real step alike, as masked_l1 does in training.
+            l1[name].append(torch.stack([((chunk - pos).abs() * am[..., None]).sum(), am.sum() * pos.shape[-1]]))
     joined = {k: torch.cat(v) for k, v in energies.items()}
     e_pos = joined["positive"][:, 0]
     metrics: dict[str, float] = {"chance_acc": 1.0 / (num_negatives + 1), "eval_samples": float(n)}
@@ -197,5 +204,6 @@ def metrics_by_negative_type(
     metrics["top1_acc"] = metrics["acc/other_episodes"]
     metrics["e_pos"] = float(e_pos.mean())
     for name, values in l1.items():
-        metrics[f"action_l1/{name}"] = float(torch.cat(values).mean())
+        total, count = torch.stack(values).sum(dim=0)
+        metrics[f"action_l1/{name}"] = float(total / count)
     return metrics, joined
