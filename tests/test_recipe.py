@@ -44,7 +44,11 @@ def test_two_processes_end_to_end_and_resume(tmp_path):
     for name in ("report.md", "loss.png", "accuracy.png", "energy_hist.png", "run_config.json"):
         assert (run / name).exists(), name
     assert (run / "model" / "energy_head" / "model.safetensors").exists()
-    assert (run / "checkpoints" / "step_0000002" / "checkpoint_complete.json").exists()
+    ckpt = run / "checkpoints" / "step_0000002"
+    assert (ckpt / "checkpoint_complete.json").exists()
+    # Our own state is safetensors + JSON; nothing of ours is pickled (accelerate's custom_checkpoint_*.pkl).
+    assert (ckpt / "energy_plugin.safetensors").exists() and (ckpt / "train_state.json").exists()
+    assert not list(ckpt.glob("custom_checkpoint_*"))
 
     resumed = _launch([*SMALL, *out, "--max_steps", "4", "--resume_from", "latest"], tmp_path, 29642)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
