@@ -25,6 +25,7 @@ from vla_energy.evaluation import evaluate, spread_indices
 from vla_energy.export import save_policy
 from vla_energy.lora import apply_lora, param_groups
 from vla_energy.models import load_backbone
+from vla_energy.nonfinite import all_finite
 from vla_energy.plugin import EnergyPlugin
 from vla_energy.report import plot_curves, plot_energy_histograms, write_metrics, write_report
 from vla_energy.schedule import ProgressiveSchedule
@@ -135,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
                 loss, metrics = plugin.compute_loss(outputs, batch, accelerator)
                 # All ranks agree on finiteness before backward, so no rank waits in an all-reduce alone.
-                finite = accelerator.reduce(torch.isfinite(loss).float().reshape(1), reduction="sum")
-                if float(finite) < accelerator.num_processes:
+                if not all_finite(accelerator, loss):
                     if train.on_nonfinite == "raise":
                         raise FloatingPointError(f"non-finite loss at step {state.step}: {metrics}")
                     skip_window = True

@@ -233,3 +233,21 @@ def test_hybrid_decision_table_and_strategy_columns():
     assert layer["num_negatives"] == 3.0 and "num_negatives/batch" not in layer
     _, local = strategy_loss(plan_strategy("inbatch", 1, 5), head, data["context"], data["actions"], SINGLE, **kw)
     assert local["num_negatives"] == 4.0
+
+
+def _nonfinite_worker(out_dir: str) -> None:
+    from vla_energy.nonfinite import all_finite
+
+    accelerator = _fresh_accelerator()
+    rank = accelerator.process_index
+    nan_on_rank1 = torch.tensor(float("nan") if rank == 1 else 1.0)
+    verdicts = [all_finite(accelerator, torch.tensor(1.0)), all_finite(accelerator, nan_on_rank1),
+                all_finite(accelerator, torch.tensor(float("inf")) if rank == 0 else torch.tensor(2.0))]
+    Path(out_dir, f"finite{rank}.json").write_text(json.dumps(verdicts))
+
+
+def test_nonfinite_verdict_is_shared_by_all_ranks(tmp_path):
+    """A NaN on one rank makes every rank skip the step (and nobody waits alone in a collective)."""
+    debug_launcher(_nonfinite_worker, args=(str(tmp_path),), num_processes=2)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"finite{rank}.json").read_text()) == [True, False, False]

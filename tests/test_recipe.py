@@ -124,3 +124,10 @@ def test_configuration_reference_is_current():
     assert (ROOT / "docs" / "configuration.md").read_text() == config_reference_markdown(), (
         "docs/configuration.md is stale: python -m vla_energy.config > docs/configuration.md"
     )
+
+
+def test_bad_training_options_fail_early():
+    with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
+        parse_config(["--on_nonfinite", "ignore"])
+    with pytest.raises(ValueError, match="per_device_batch_size=0"):
+        parse_config(["--per_device_batch_size", "0"])

@@ -77,6 +77,15 @@ class TrainArguments:
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars on the main process."})
 
+    def __post_init__(self) -> None:
+        from .nonfinite import NONFINITE_MODES
+
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}, expected one of {NONFINITE_MODES}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
+
 
 CONFIG_CLASSES = (ModelArguments, DataConfig, LoraArguments, EnergyArguments, TrainArguments)
 
