@@ -42,22 +42,22 @@ def _text_config(config: Any) -> Any:
     return getter() if getter is not None else config
 
 
-def hidden_size_of(model: nn.Module) -> int:
-    """Hidden size of the language model of an HF (vision-)language model."""
+def _text_config_int(model: nn.Module, names: Sequence[str], what: str) -> int:
     text = _text_config(model.config)
-    for attr in ("hidden_size", "d_model", "n_embd"):
+    for attr in names:
         if getattr(text, attr, None):
             return int(getattr(text, attr))
-    raise ValueError(f"cannot find the hidden size in the config of {type(model).__name__}")
+    raise ValueError(f"cannot find the {what} in the config of {type(model).__name__} (looked for {list(names)})")
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """Hidden size of the language model of an HF (vision-)language model."""
+    return _text_config_int(model, ("hidden_size", "d_model", "n_embd"), "hidden size")
 
 
 def num_layers_of(model: nn.Module) -> int:
     """Number of transformer layers of the language model."""
-    text = _text_config(model.config)
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(text, attr, None):
-            return int(getattr(text, attr))
-    raise ValueError(f"cannot find the number of layers in the config of {type(model).__name__}")
+    return _text_config_int(model, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
 
 
 def read_backbone(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bank import ActionBank
-from .losses import TauLike, infonce_rows
+from .losses import TauLike, finish_stats, infonce_rows, infonce_stat_sums
 from .negatives import Negatives
 from .validation import check_mask, check_tensor
 
@@ -241,44 +240,11 @@ def _global_stats(
     rows: Tensor,
     keep: Tensor,
 ) -> dict[str, float]:
-    """Stats as (sum, weight) pairs all-reduced together, so every process logs the global values."""
-    b = energies.shape[0]
-    dev = energies.device
-    idx = torch.arange(b, device=dev)
-    e_pos = energies[idx, labels]
-    lowest = energies.masked_fill(~neg, math.inf).min(dim=1).values
-    counts = neg.sum(dim=1).double()
+    """The statistics of losses.infonce_stat_sums, summed over processes in one all-reduce, then divided."""
     cfg = getattr(head, "config", None) or getattr(getattr(head, "module", None), "config", None)
-    bounds = cfg.energy_range if cfg is not None else None
     t = float(tau.detach())
-    floor = torch.zeros(b, dtype=torch.float64, device=dev)
-    if bounds is not None:
-        floor = torch.log1p(counts * math.exp(-(bounds[1] - bounds[0]) / t))
-    entries: dict[str, tuple[Tensor, Tensor]] = {
-        "e_pos": (e_pos.sum(), torch.tensor(float(b))),
-        "e_neg": ((energies * neg).sum(), counts.sum()),
-        "acc": ((e_pos < lowest).double().sum(), torch.tensor(float(b))),
-        "num_negatives": (counts.sum(), torch.tensor(float(b))),
-        "loss_floor": (floor.sum(), torch.tensor(float(b))),
-        "loss": ((rows.double() * keep).sum(), keep.sum().double()),
-    }
-    for kind in dict.fromkeys(t for t in types if t != "positive"):
-        cols = torch.tensor([tt == kind for tt in types], device=dev)
-        sel = neg & cols
-        n_t = sel.sum(dim=1)
-        has = n_t > 0
-        low = energies.masked_fill(~sel, math.inf).min(dim=1).values
-        entries[f"e_neg/{kind}"] = ((energies * sel).sum(), n_t.sum().double())
-        entries[f"acc/{kind}"] = ((e_pos[has] < low[has]).double().sum(), has.sum().double())
-        entries[f"num_negatives/{kind}"] = (n_t.sum().double(), torch.tensor(float(b)))
-    packed = torch.stack([torch.stack([s.double().to(dev), w.double().to(dev)]) for s, w in entries.values()])
-    packed = _reduce_sum(accelerator, packed).cpu()
-    stats: dict[str, float] = {}
-    for key, (total, weight) in zip(entries, packed):
-        if weight > 0:
-            stats[key] = float(total / weight)
-        elif not key.startswith(("acc/", "e_neg/")):  # per-type accuracy/energy of an absent type is undefined
-            stats[key] = 0.0
-    stats["gap"] = stats["e_neg"] - stats["e_pos"]
-    stats["tau"] = t
-    return stats
+    sums = infonce_stat_sums(energies, labels, neg, t, types, cfg.energy_range if cfg is not None else None)
+    sums["loss"] = ((rows.double() * keep).sum(), keep.sum().double())
+    packed = torch.stack([torch.stack([s.double(), w.double()]) for s, w in sums.values()])
+    packed = _reduce_sum(accelerator, packed.to(energies.device)).cpu()
+    return finish_stats({k: (p[0], p[1]) for k, p in zip(sums, packed)}, t)

@@ -19,6 +19,8 @@ __all__ = [
     "inbatch_infonce_loss",
     "infonce_rows",
     "infonce_stats",
+    "infonce_stat_sums",
+    "finish_stats",
     "loss_floor",
     "resolve_tau",
 ]
@@ -63,7 +65,63 @@ def _negative_mask(energies: Tensor, labels: Tensor, valid_mask: Tensor | None) 
     return neg
 
 
+StatSums = dict[str, tuple[Tensor, Tensor]]
+
+
 @torch.no_grad()
+def infonce_stat_sums(
+    energies: Tensor,
+    labels: Tensor,
+    neg: Tensor,
+    tau: float,
+    column_types: Sequence[str] | None = None,
+    energy_range: tuple[float, float] | None = None,
+) -> StatSums:
+    """(sum, weight) per statistic, so that processes can add theirs before dividing (see finish_stats)."""
+    e = energies.detach().double()
+    b = e.shape[0]
+    rows = torch.ones(b, dtype=torch.float64, device=e.device)
+    e_pos = e[torch.arange(b, device=e.device), labels]
+    counts = neg.sum(dim=1).double()
+    # A positive "wins" when it has strictly lower energy than every negative it was compared with.
+    lowest = e.masked_fill(~neg, float("inf")).min(dim=1).values
+    floor = torch.zeros_like(counts)
+    if energy_range is not None:
+        floor = torch.log1p(counts * math.exp(-(energy_range[1] - energy_range[0]) / float(tau)))
+    sums: StatSums = {
+        "e_pos": (e_pos.sum(), rows.sum()),
+        "e_neg": ((e * neg).sum(), counts.sum()),
+        "acc": ((e_pos < lowest).double().sum(), rows.sum()),
+        "num_negatives": (counts.sum(), rows.sum()),
+        "loss_floor": (floor.sum(), rows.sum()),
+    }
+    if column_types is not None:
+        if len(column_types) != e.shape[1]:
+            raise ValueError(f"column_types has {len(column_types)} entries, expected N={e.shape[1]}")
+        for kind in dict.fromkeys(column_types):
+            sel = neg & torch.tensor([t == kind for t in column_types], device=e.device)
+            n = sel.sum(dim=1)
+            has = n > 0
+            low = e.masked_fill(~sel, float("inf")).min(dim=1).values
+            sums[f"e_neg/{kind}"] = ((e * sel).sum(), n.sum().double())
+            sums[f"acc/{kind}"] = ((e_pos[has] < low[has]).double().sum(), has.sum().double())
+            sums[f"num_negatives/{kind}"] = (n.sum().double(), rows.sum())
+    return sums
+
+
+def finish_stats(sums: StatSums, tau: float) -> dict[str, float]:
+    """Floats from (sum, weight) pairs; a negative type that no positive saw gets no keys; adds gap and tau."""
+    absent = {k[len("e_neg/"):] for k, (_, w) in sums.items() if k.startswith("e_neg/") and float(w) == 0}
+    stats: dict[str, float] = {}
+    for key, (total, weight) in sums.items():
+        if "/" in key and key.split("/", 1)[1] in absent:
+            continue
+        stats[key] = float(total / weight) if float(weight) > 0 else 0.0
+    stats["gap"] = stats["e_neg"] - stats["e_pos"]
+    stats["tau"] = float(tau)
+    return stats
+
+
 def infonce_stats(
     energies: Tensor,
     labels: Tensor,
@@ -73,38 +131,8 @@ def infonce_stats(
     energy_range: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """e_pos, e_neg, gap, acc, tau, num_negatives, loss_floor, and per-type e_neg / acc / num_negatives."""
-    e = energies.detach().double()
-    rows = torch.arange(e.shape[0], device=e.device)
-    e_pos = e[rows, labels]
-    neg = _negative_mask(e, labels, valid_mask)
-    counts = neg.sum(dim=1)
-    e_neg_mean = float((e * neg).sum() / counts.sum().clamp(min=1))
-    # A positive "wins" when it has strictly lower energy than every negative it was compared with.
-    lowest_neg = e.masked_fill(~neg, float("inf")).min(dim=1).values
-    stats = {
-        "e_pos": float(e_pos.mean()) if e.shape[0] else 0.0,
-        "e_neg": e_neg_mean,
-        "gap": e_neg_mean - (float(e_pos.mean()) if e.shape[0] else 0.0),
-        "acc": float((e_pos < lowest_neg).double().mean()) if e.shape[0] else 0.0,
-        "tau": float(tau),
-        "num_negatives": float(counts.double().mean()) if e.shape[0] else 0.0,
-        "loss_floor": loss_floor(counts, energy_range, float(tau)) if e.shape[0] else 0.0,
-    }
-    if column_types is not None:
-        if len(column_types) != e.shape[1]:
-            raise ValueError(f"column_types has {len(column_types)} entries, expected N={e.shape[1]}")
-        for kind in dict.fromkeys(column_types):
-            cols = torch.tensor([t == kind for t in column_types], device=e.device)
-            sel = neg & cols
-            n = sel.sum(dim=1)
-            has = n > 0
-            if not bool(has.any()):
-                continue
-            low = e.masked_fill(~sel, float("inf")).min(dim=1).values
-            stats[f"e_neg/{kind}"] = float((e * sel).sum() / n.sum())
-            stats[f"acc/{kind}"] = float((e_pos[has] < low[has]).double().mean())
-            stats[f"num_negatives/{kind}"] = float(n.double().mean())
-    return stats
+    neg = _negative_mask(energies, labels, valid_mask)
+    return finish_stats(infonce_stat_sums(energies, labels, neg, tau, column_types, energy_range), tau)
 
 
 def inbatch_infonce_loss(
