@@ -11,7 +11,7 @@ __all__ = ["ActionHeadConfig", "ActionHead"]
 
 
 class ActionHeadConfig(PretrainedConfig):
-    """Sizes of the action head: hidden size of the backbone in, one action step out per placeholder."""
+    """Sizes of the action head: H placeholder states of the backbone's width in, an H x Da chunk out."""
 
     model_type = "vla_action_head"
 

@@ -27,7 +27,7 @@ class ModelArguments:
 
     backbone: str = field(
         default="tiny-llava",
-        metadata={"help": "tiny-idefics3 | tiny-paligemma | tiny-qwen2_vl | tiny-llava (offline) or an HF path/id."},
+        metadata={"help": "tiny-llava (a random offline tiny VLM) or an HF model path/id."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code (OpenVLA-style repos). Off unless you pass it."}
