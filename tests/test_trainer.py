@@ -73,3 +73,23 @@ def test_energy_weight_exact_two_processes(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         result = json.loads((tmp_path / f"grad_check_ga{ga}_w2.json").read_text())
         assert result["world"] == 2 and result["max_rel_err"] < 1e-3
+
+
+def test_progressive_schedule_callback_scales_energy_group(tmp_path):
+    from vla_energy.schedule import ProgressiveSchedule
+
+    train_ds, loaded, backbone, plugin, collator = trainer_check.build(str(tmp_path / "cache"))
+    schedule = ProgressiveSchedule(stable_steps=1, ramp_end_step=3, start_lr_scale=0.1, end_lr_scale=0.5,
+                                   start_max_grad_norm=0.3, end_max_grad_norm=0.5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=2, learning_rate=1e-3,
+        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = EnergyTrainer(model=EnergyVLAModel(backbone, plugin), args=args, train_dataset=train_ds,
+                            data_collator=collator, energy_lr_scale=0.5, schedule=schedule)
+    trainer.train()
+    step = trainer.state.global_step
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["lr"] == pytest.approx(1e-3)  # the policy group follows the Trainer's scheduler only
+    assert groups[-1]["lr"] == pytest.approx(1e-3 * 0.5 * schedule.lr_scale(step))
+    assert trainer.args.max_grad_norm == pytest.approx(schedule.max_grad_norm(step - 1))
