@@ -17,7 +17,7 @@ from transformers import BatchFeature
 __all__ = ["TINY_VLM_KINDS", "TinyVLM", "TinyProcessor", "make_tiny_vlm", "save_tiny_vlm", "load_tiny_vlm",
            "resolve_backbone_name"]
 
-TINY_VLM_KINDS = ("llava",)
+TINY_VLM_KINDS = ("llava", "paligemma")
 PAD, BOS, EOS, IMAGE, ACTION = 0, 1, 2, 3, 4
 _CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,!?-'"
 _UNK = 5 + len(_CHARS)
@@ -60,7 +60,10 @@ class TinyProcessor:
             text = [text]
         if len(text) != len(images):
             raise ValueError(f"got {len(text)} texts and {len(images)} images, expected one image per text")
-        rows = [[BOS] + [IMAGE] * self.num_image_tokens + self.tokenize(t) for t in text]
+        image = [IMAGE] * self.num_image_tokens
+        # PaliGemma's layout puts the image tokens before BOS; Llava's after it.
+        prefix = image + [BOS] if self.kind == "paligemma" else [BOS] + image
+        rows = [prefix + self.tokenize(t) for t in text]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), PAD, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -68,7 +71,10 @@ class TinyProcessor:
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         pixel_values = torch.stack([self.pixels(im) for im in images])
-        return BatchFeature({"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values})
+        features = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+        if self.kind == "paligemma":  # every token is prefix (bidirectional), as PaliGemma treats its prompt
+            features["token_type_ids"] = torch.zeros_like(ids)
+        return BatchFeature(features)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "image_size": self.image_size, "num_image_tokens": self.num_image_tokens}
@@ -97,13 +103,35 @@ def _llava(hidden_size: int, num_hidden_layers: int, image_size: int) -> tuple[n
     return LlavaForConditionalGeneration(cfg), (image_size // patch) ** 2
 
 
+def _paligemma(hidden_size: int, num_hidden_layers: int, image_size: int) -> tuple[nn.Module, int]:
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    patch = 8
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=image_size, patch_size=patch)
+    text = GemmaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=4,
+                       head_dim=hidden_size // 4, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+                       eos_token_id=EOS)
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, projection_dim=hidden_size)
+    return PaliGemmaForConditionalGeneration(cfg), (image_size // patch) ** 2
+
+
+_BUILDERS = {"llava": _llava, "paligemma": _paligemma}
+
+
 def make_tiny_vlm(kind: str = "llava", seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 4,
                   image_size: int = 32) -> TinyVLM:
     """A deterministic random tiny VLM of `kind` (see TINY_VLM_KINDS)."""
     if kind not in TINY_VLM_KINDS:
         raise ValueError(f"kind={kind!r}, expected one of {TINY_VLM_KINDS}")
     torch.manual_seed(seed)
-    model, n_img = _llava(hidden_size, num_hidden_layers, image_size)
+    model, n_img = _BUILDERS[kind](hidden_size, num_hidden_layers, image_size)
     return TinyVLM(model.eval(), TinyProcessor(kind, image_size, n_img), kind)
 
 
@@ -117,11 +145,11 @@ def save_tiny_vlm(tiny: TinyVLM, path: str | Path) -> Path:
 
 def load_tiny_vlm(path: str | Path) -> TinyVLM:
     """What save_tiny_vlm wrote."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
     info = json.loads((path / "tiny_processor.json").read_text())
-    model = LlavaForConditionalGeneration.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
     return TinyVLM(model.eval(), TinyProcessor(**info), info["kind"])
 
 
