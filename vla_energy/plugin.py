@@ -83,16 +83,18 @@ class EnergyPlugin:
         action_dim: int,
         horizon: int,
         action_token_id: int,
+        action_head: Optional[ActionHead] = None,
+        energy_head: Optional[EnergyHead] = None,
     ) -> None:
         self.args = args
         self.horizon = int(horizon)
         self.action_dim = int(action_dim)
         self.action_token_id = int(action_token_id)
-        self.action_head: nn.Module = ActionHead(
+        self.action_head: nn.Module = action_head if action_head is not None else ActionHead(
             ActionHeadConfig(hidden_size=hidden_size, action_dim=action_dim, horizon=horizon,
                              mlp_dim=args.action_head_dim)
         )
-        self.energy_head: nn.Module = EnergyHead(
+        self.energy_head: nn.Module = energy_head if energy_head is not None else EnergyHead(
             EnergyHeadConfig(
                 context_dim=hidden_size, action_dim=action_dim, horizon=horizon, hidden_dim=args.energy_hidden_dim,
                 num_heads=args.energy_num_heads, num_layers=args.energy_num_layers, dropout=args.energy_dropout,
@@ -110,9 +112,7 @@ class EnergyPlugin:
                               action_token_id: int) -> EnergyPlugin:
         """A plugin around already trained heads (loading a run directory)."""
         cfg = energy_head.config
-        plugin = cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id)
-        plugin.action_head, plugin.energy_head = action_head, energy_head
-        return plugin
+        return cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id, action_head, energy_head)
 
     def setup(self, accelerator: Accelerator, local_batch: int) -> StrategyPlan:
         """Fix the strategy from the configured layout (never from a smaller last batch) and the RNG per process."""
