@@ -34,7 +34,7 @@ from vla_energy.data import (
     tile_images,
 )
 from vla_energy.data import video as video_mod
-from vla_energy.data.synthetic import GAIN, PALETTE
+from vla_energy.data.synthetic import GAIN, PALETTE, WRIST_ZOOM
 from vla_energy.testing import TINY_VLM_KINDS, make_tiny_vlm
 
 # ---------------------------------------------------------------- chunking
@@ -434,6 +434,32 @@ def test_synthetic_expert_needs_image_and_instruction() -> None:
         assert len(present) >= 2 and colour in present
         # ... and the expert action steps toward it.
         np.testing.assert_allclose(ex["action"][:2], GAIN * (target - state), atol=0.02)
+
+
+def test_synthetic_wrist_view_is_centred_on_the_agent() -> None:
+    ds = make_synthetic_dataset(num_episodes=4, image_size=32, num_targets=1, view="wrist", use_cache=False)
+    top = make_synthetic_dataset(num_episodes=4, image_size=32, num_targets=1, use_cache=False)
+    # Same episodes (targets, actions), different pictures.
+    assert ds["action"][:] == top["action"][:] and ds["instruction"][:] == top["instruction"][:]
+    white = np.array([255, 255, 255])
+    for i in range(0, len(ds), 5):
+        ex = ds[i]
+        img = np.asarray(ex["image"])
+        target, state = np.asarray(ex["target_xy"]), np.asarray(ex["state"])
+        assert not (img.reshape(-1, 3) == white).all(axis=1).any()  # no agent marker in the wrist view
+        colour = next(c for c in PALETTE if f" {c} " in ex["instruction"])
+        seen = 0.5 + WRIST_ZOOM * (target - state)
+        x, y = np.round(seen * 31).astype(int)
+        near = img[max(0, y - 1): y + 2, max(0, x - 1): x + 2].reshape(-1, 3)
+        assert (near == PALETTE[colour]).all(axis=1).all()
+        present = [c for c, rgb in PALETTE.items() if (img.reshape(-1, 3) == rgb).all(axis=1).any()]
+        assert present == [colour]
+    with pytest.raises(ValueError, match="view='side'"):
+        make_synthetic_dataset(num_episodes=1, view="side", use_cache=False)
+    with pytest.raises(ValueError, match="num_targets=0"):
+        make_synthetic_dataset(num_episodes=1, num_targets=0, use_cache=False)
+    with pytest.raises(ValueError, match="synthetic_view='side'"):
+        DataConfig(synthetic_view="side")
 
 
 def test_build_datasets_on_synthetic(tmp_path: Path) -> None:

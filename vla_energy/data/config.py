@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .synthetic import VIEWS
+
 __all__ = ["DataConfig", "DATASET_FORMATS", "NORMALIZATIONS"]
 
 DATASET_FORMATS = ("auto", "lerobot", "hf")
@@ -46,7 +48,12 @@ class DataConfig:
     )
     num_episodes: int = field(default=160, metadata={"help": "Synthetic: number of episodes."})
     image_size: int = field(default=32, metadata={"help": "Synthetic: image side in pixels."})
-    num_targets: int = field(default=3, metadata={"help": "Synthetic: coloured targets per image (2..6)."})
+    num_targets: int = field(default=3, metadata={"help": "Synthetic: coloured targets per image (1..6)."})
+    synthetic_view: str = field(
+        default="top_down",
+        metadata={"help": "Synthetic camera: top_down (whole table, agent drawn) | wrist (eye-in-hand, centred "
+                          "on the agent; learnable by a random tiny VLM in minutes)."},
+    )
     min_episode_length: int = field(default=20, metadata={"help": "Synthetic: shortest episode (frames)."})
     max_episode_length: int = field(default=40, metadata={"help": "Synthetic: longest episode (frames)."})
     cache_dir: Optional[str] = field(
@@ -56,6 +63,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"dataset_format={self.dataset_format!r}, expected one of {DATASET_FORMATS}")
+        if self.synthetic_view not in VIEWS:
+            raise ValueError(f"synthetic_view={self.synthetic_view!r}, expected one of {VIEWS}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r}, expected one of {NORMALIZATIONS}")
         if self.horizon < 1:

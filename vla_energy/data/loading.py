@@ -70,7 +70,8 @@ def load_source(cfg: DataConfig, progress: bool = False) -> tuple[Dataset, dict[
     fmt = detect_format(cfg.dataset) if cfg.dataset_format == "auto" else cfg.dataset_format
     if cfg.dataset == "synthetic" and fmt in ("synthetic", "hf"):
         ds = make_synthetic_dataset(cfg.num_episodes, cfg.image_size, cfg.num_targets, cfg.min_episode_length,
-                                    cfg.max_episode_length, cfg.data_seed, cfg.cache_dir, progress=progress)
+                                    cfg.max_episode_length, cfg.data_seed, cfg.synthetic_view, cfg.cache_dir,
+                                    progress=progress)
         return ds, {"image_key": "image", "instruction_key": "instruction", "state_key": "state"}
     if fmt == "lerobot":
         info = read_lerobot_info(cfg.dataset)

@@ -5,6 +5,10 @@ The instruction names one colour; the expert moves the agent toward that square.
 from the image alone (several squares) nor from the instruction alone (positions change every episode).
 
 Coordinates are fractions of the image side, x to the right and y downward, in [0, 1].
+Two camera views: "top_down" shows the whole table with the agent drawn as a white plus; "wrist" is an
+eye-in-hand camera centred on the agent (no plus drawn) that sees the table at WRIST_ZOOM, so a target appears at
+0.5 + WRIST_ZOOM * (target - agent). The wrist view makes the step a function of where the named square is in the
+image, which a small randomly initialised VLM learns in minutes; the top-down view needs relating two objects.
 Action (Da = 3) of frame t: dx, dy = GAIN * (target - agent_t) + N(0, NOISE^2) (the step to the next frame;
 |dx|, |dy| < 0.08), and grip = 1.0 when the agent is within GRIP_RADIUS of the target, else 0.0.
 State: the agent position (x, y).
@@ -36,6 +40,8 @@ __all__ = [
     "GAIN",
     "NOISE",
     "GRIP_RADIUS",
+    "VIEWS",
+    "WRIST_ZOOM",
 ]
 
 # Version of the generator: bump when the output changes so that stale caches are not reused.
@@ -57,6 +63,8 @@ SYNTHETIC_ACTION_NAMES = ("dx", "dy", "grip")
 GAIN = 0.08
 NOISE = 0.004
 GRIP_RADIUS = 0.05
+VIEWS = ("top_down", "wrist")
+WRIST_ZOOM = 0.5
 _MIN_TARGET_GAP = 0.25
 _MIN_START_DISTANCE = 0.4
 
@@ -81,14 +89,16 @@ def _pixel(p: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def render_scene(
-    size: int, targets: np.ndarray, colors: list[str], agent: np.ndarray
+    size: int, targets: np.ndarray, colors: list[str], agent: Optional[np.ndarray]
 ) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: coloured squares at `targets` [K, 2] and the agent (a white plus) on top."""
+    """RGB uint8 [size, size, 3]: coloured squares at `targets` [K, 2] and the agent (a white plus, unless None)."""
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUND
     half = max(1, round(size * 0.14)) // 2 + 1  # a 5x5 square at 32 px
     for (x, y), name in zip((_pixel(t, size) for t in targets), colors):
         img[max(0, y - half + 1): y + half, max(0, x - half + 1): x + half] = PALETTE[name]
+    if agent is None:
+        return img
     ax, ay = _pixel(agent, size)
     arm = max(1, size // 20)
     img[ay, max(0, ax - arm): ax + arm + 1] = AGENT_COLOR
@@ -108,7 +118,14 @@ def _place_targets(rng: np.random.Generator, k: int) -> np.ndarray:
         gap *= 0.8
 
 
-def _episode(rng: np.random.Generator, size: int, k: int, length: int) -> dict[str, list]:
+def _render(size: int, targets: np.ndarray, colors: list[str], agent: np.ndarray, view: str) -> np.ndarray:
+    """The frame as the camera of `view` sees it."""
+    if view == "wrist":
+        return render_scene(size, 0.5 + WRIST_ZOOM * (targets - agent), colors, None)
+    return render_scene(size, targets, colors, agent)
+
+
+def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str) -> dict[str, list]:
     """One episode: frames, instruction, actions, states."""
     colors = [str(c) for c in rng.choice(list(PALETTE), size=k, replace=False)]
     targets = _place_targets(rng, k)
@@ -121,7 +138,7 @@ def _episode(rng: np.random.Generator, size: int, k: int, length: int) -> dict[s
     out: dict[str, list] = {"image": [], "action": [], "state": []}
     for _ in range(length):
         png = io.BytesIO()
-        PILImage.fromarray(render_scene(size, targets, colors, agent)).save(png, format="PNG", compress_level=1)
+        PILImage.fromarray(_render(size, targets, colors, agent, view)).save(png, format="PNG", compress_level=1)
         step = GAIN * (target - agent) + rng.normal(0.0, NOISE, size=2)
         grip = float(np.linalg.norm(target - agent) < GRIP_RADIUS)
         out["image"].append({"bytes": png.getvalue(), "path": None})
@@ -134,13 +151,13 @@ def _episode(rng: np.random.Generator, size: int, k: int, length: int) -> dict[s
 
 
 def _generate(num_episodes: int, image_size: int, num_targets: int, min_len: int, max_len: int, seed: int,
-              progress: bool) -> Dataset:
+              view: str, progress: bool) -> Dataset:
     columns: dict[str, list] = {name: [] for name in FEATURES}
     for e in tqdm(range(num_episodes), desc="synthetic episodes", disable=not progress, leave=False):
         # One generator per episode: episode e is the same whatever num_episodes is.
         rng = np.random.default_rng([seed, e])
         length = int(rng.integers(min_len, max_len + 1))
-        ep = _episode(rng, image_size, num_targets, length)
+        ep = _episode(rng, image_size, num_targets, length, view)
         for name, values in ep.items():
             columns[name].extend(values)
         columns["episode_index"].extend([e] * length)
@@ -155,28 +172,32 @@ def make_synthetic_dataset(
     min_episode_length: int = 20,
     max_episode_length: int = 40,
     seed: int = 0,
+    view: str = "top_down",
     cache_dir: Optional[str] = None,
     use_cache: bool = True,
     progress: bool = False,
 ) -> Dataset:
     """The synthetic frame dataset (columns: image, instruction, action [3], state [2], episode_index,
-    frame_index, target_xy), deterministic in its arguments and cached on disk under a key of them."""
+    frame_index, target_xy), deterministic in its arguments and cached on disk under a key of them.
+    `view` is "top_down" or "wrist" (see the module docstring)."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes={num_episodes}, expected >= 1")
     if image_size < 8:
         raise ValueError(f"image_size={image_size}, expected >= 8")
-    if not 2 <= num_targets <= len(PALETTE):
-        raise ValueError(f"num_targets={num_targets}, expected 2..{len(PALETTE)} (the number of colours)")
+    if not 1 <= num_targets <= len(PALETTE):
+        raise ValueError(f"num_targets={num_targets}, expected 1..{len(PALETTE)} (the number of colours)")
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}, expected one of {VIEWS}")
     if not 1 <= min_episode_length <= max_episode_length:
         raise ValueError(
             f"min_episode_length={min_episode_length}, max_episode_length={max_episode_length}, "
             "expected 1 <= min <= max"
         )
-    args = (num_episodes, image_size, num_targets, min_episode_length, max_episode_length, seed)
+    args = (num_episodes, image_size, num_targets, min_episode_length, max_episode_length, seed, view)
     if not use_cache:
         return _generate(*args, progress=progress)
     params = dict(zip(("num_episodes", "image_size", "num_targets", "min_episode_length", "max_episode_length",
-                       "seed"), args), version=_GENERATOR_VERSION)
+                       "seed", "view"), args), version=_GENERATOR_VERSION)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / "synthetic" / key
