@@ -123,11 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return metrics, outputs
 
     batches_per_epoch = len(train_dl)
+    stop_at = min(train.max_steps, state.step + train.stop_after_steps) if train.stop_after_steps else train.max_steps
     progress = tqdm(total=train.max_steps, initial=state.step, disable=not (main_proc and train.progress),
                     desc=f"train [{plan.name}]")
     skip_window = False  # a non-finite loss anywhere in the accumulation window skips the whole step
     running: dict[str, float] = {}
-    while state.step < train.max_steps:
+    while state.step < stop_at:
         epoch, done_in_epoch = divmod(state.micro_step, batches_per_epoch)
         train_dl.set_epoch(epoch)
         epoch_dl = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
@@ -185,12 +186,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=state.step)
                     state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in ev.items()}})
                 accelerator.wait_for_everyone()
-            if train.save_every and state.step % train.save_every == 0:
+            stopping = state.step >= stop_at
+            if (train.save_every and state.step % train.save_every == 0) or (stopping and stop_at < train.max_steps):
                 save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step,
                                 extra_states)
-            if state.step >= train.max_steps:
+            if stopping:
                 break
     progress.close()
+    if state.step < train.max_steps:  # stop_after_steps: the next launch resumes from the checkpoint
+        accelerator.print(f"stopped at step {state.step} of {train.max_steps}; resume with --resume_from latest")
+        accelerator.end_training()
+        return {}
 
     final: dict[str, float] = {}
     if main_proc:

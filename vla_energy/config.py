@@ -66,6 +66,11 @@ class TrainArguments:
     eval_num_negatives: int = field(default=31, metadata={"help": "Pool of chunks from other episodes (chance 1/32)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: no intermediate checkpoints)."})
     resume_from: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory to resume from."})
+    stop_after_steps: int = field(
+        default=0,
+        metadata={"help": "Leave after this many optimizer steps of this launch with a checkpoint and no final eval, "
+                          "as a job with a time limit would; --resume_from latest goes on (0: run to max_steps)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of model init, data order and negatives."})
     log_with: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated, or none."})
     log_every: int = field(default=10, metadata={"help": "Log metrics every N steps."})
@@ -85,6 +90,8 @@ class TrainArguments:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
+        if self.stop_after_steps < 0:
+            raise ValueError(f"stop_after_steps={self.stop_after_steps}, expected >= 0")
 
 
 CONFIG_CLASSES = (ModelArguments, DataConfig, LoraArguments, EnergyArguments, TrainArguments)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
@@ -61,7 +62,7 @@ class EnergyArguments:
     energy_scale: float = field(default=2.0, metadata={"help": "Seed 000: * 2.0."})
     energy_offset: float = field(default=0.1, metadata={"help": "Seed 000: + 0.1, so E in (0.1, 2.1)."})
     action_head_dim: int = field(default=256, metadata={"help": "Width of the action head's MLP."})
-    negatives_seed: int = field(default=0, metadata={"help": "Seed of the noise/shuffle negatives (+ process index)."})
+    negatives_seed: int = field(default=0, metadata={"help": "Seed of the noise/shuffle negatives (mixed with the process index and step)."})
 
 
 def masked_l1(pred: Tensor, target: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
@@ -106,6 +107,8 @@ class EnergyPlugin:
         self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
         self.plan: Optional[StrategyPlan] = None
         self.generator: Optional[torch.Generator] = None
+        self.process_index = 0
+        self.draws = 0  # energy_loss calls so far: with the process index it seeds that call's negatives
 
     @classmethod
     def from_pretrained_heads(cls, args: EnergyArguments, action_head: ActionHead, energy_head: EnergyHead,
@@ -118,7 +121,7 @@ class EnergyPlugin:
         """Fix the strategy from the configured layout (never from a smaller last batch) and the RNG per process."""
         self.plan = plan_strategy(self.args.strategy, accelerator.num_processes, local_batch)
         self.generator = torch.Generator(device=accelerator.device)
-        self.generator.manual_seed(self.args.negatives_seed + accelerator.process_index)
+        self.process_index = accelerator.process_index
         self.temperature.to(accelerator.device)
         if self.bank is not None:
             self.bank.to(accelerator.device)
@@ -177,7 +180,12 @@ class EnergyPlugin:
         """Energy InfoNCE with the planned strategy; users with their own context/layer_actions call this."""
         head, ctx, cmask = self.energy_head, readout.context, readout.context_mask
         negatives = None
+        self.draws += 1
         if self.plan.explicit:
+            # Reseeded from (seed, rank, call) rather than carried along: the main process saves the checkpoint,
+            # and one saved generator state would give every rank rank 0's stream after a resume.
+            seed = np.random.SeedSequence([self.args.negatives_seed, self.process_index, self.draws])
+            self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
             def energy_fn(chunk: Tensor) -> Tensor:
                 with torch.no_grad():
                     return head(ctx, chunk, context_mask=cmask, action_mask=action_mask)
@@ -211,12 +219,11 @@ class EnergyPlugin:
             self.bank.discard()
 
     def state_dict(self) -> dict[str, Any]:
-        """Bank, temperature and negatives RNG: what `accelerator.register_for_checkpointing(plugin)` saves."""
+        """Bank, temperature and the count of negatives draws (which seeds the RNG): what `accelerator.register_for_checkpointing(plugin)` saves."""
         state: dict[str, Any] = {"temperature": self.temperature.state_dict()}
         if self.bank is not None:
             state["bank"] = self.bank.state_dict()
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
+        state["draws"] = self.draws
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -226,8 +233,7 @@ class EnergyPlugin:
             if "bank" not in state:
                 raise ValueError("checkpoint has no action bank state but bank_size > 0")
             self.bank.load_state_dict(state["bank"])
-        if self.generator is not None and "generator" in state:
-            self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
+        self.draws = int(state.get("draws", 0))
 
     def config_dict(self) -> dict[str, Any]:
         """The plugin's settings as JSON-able values (saved beside the heads)."""

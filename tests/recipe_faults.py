@@ -1,0 +1,103 @@
+"""recipes/train_energy.py with an injected fault, run by `accelerate launch` from test_recipe_faults.py.
+
+    recipe_faults.py nan  REPORT_DIR [recipe args]   a NaN loss on the last rank at its 2nd micro-batch; each rank
+                                                      writes REPORT_DIR/rank<r>.json: did anything move over the
+                                                      skipped step, and over the next (normal) one
+    recipe_faults.py kill [recipe args]               SIGKILL of the main process halfway through its 2nd save
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import vla_energy.checkpoint as checkpoint_mod
+from vla_energy.plugin import EnergyPlugin
+
+ROOT = Path(__file__).resolve().parents[1]
+NAN_CALL = 2  # 1-based micro-batch index whose loss becomes NaN
+
+
+def load_recipe():
+    """recipes/train_energy.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_energy", ROOT / "recipes" / "train_energy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inject_nan(report_dir: Path) -> None:
+    """Patch the optimizer (to see every trained parameter) and compute_loss (to poison one rank's loss)."""
+    optimizers: list[torch.optim.Optimizer] = []
+
+    class CapturedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    torch.optim.AdamW = CapturedAdamW
+    original = EnergyPlugin.compute_loss
+    snapshots: list[dict] = []
+
+    def snapshot(plugin: EnergyPlugin) -> dict:
+        groups = optimizers[0].param_groups
+        b = plugin.bank
+        bank = {"actions": b.actions.clone(), "sample_ids": b.sample_ids.clone(), "count": b.count} if b is not None else {}
+        return {"params": [p.detach().clone() for g in groups for p in g["params"]],
+                "lrs": [g["lr"] for g in groups],
+                "bank": bank}
+
+    def moved(a: dict, b: dict) -> dict:
+        bank_same = a["bank"].keys() == b["bank"].keys() and all(
+            torch.equal(a["bank"][k], b["bank"][k]) if isinstance(a["bank"][k], torch.Tensor)
+            else a["bank"][k] == b["bank"][k] for k in a["bank"])
+        return {"params": any(not torch.equal(x, y) for x, y in zip(a["params"], b["params"])),
+                "lrs": a["lrs"] != b["lrs"], "bank": not bank_same}
+
+    def compute_loss(self, outputs, batch, accelerator):
+        snapshots.append(snapshot(self))
+        loss, metrics = original(self, outputs, batch, accelerator)
+        rank, calls = accelerator.process_index, len(snapshots)
+        if calls == NAN_CALL and rank == accelerator.num_processes - 1:
+            loss = loss * float("nan")
+        if calls == NAN_CALL + 2:
+            report = {"over_skipped_step": moved(snapshots[NAN_CALL - 1], snapshots[NAN_CALL]),
+                      "over_normal_step": moved(snapshots[NAN_CALL], snapshots[NAN_CALL + 1])}
+            (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
+        return loss, metrics
+
+    EnergyPlugin.compute_loss = compute_loss
+
+
+def inject_kill() -> None:
+    """The main process kills itself after writing the first of its own state files of the 2nd checkpoint."""
+    original = checkpoint_mod.save_states
+    calls = []
+
+    def save_states(folder, objects):
+        calls.append(folder)
+        if len(calls) == 2:
+            name, obj = next(iter(objects.items()))
+            original(folder, {name: obj})
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(folder, objects)
+
+    checkpoint_mod.save_states = save_states
+
+
+if __name__ == "__main__":
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "nan":
+        inject_nan(Path(rest[0]))
+        rest = rest[1:]
+    elif mode == "kill":
+        inject_kill()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: nan | kill")
+    load_recipe().main(rest)
