@@ -93,3 +93,62 @@ def test_progressive_schedule_callback_scales_energy_group(tmp_path):
     assert groups[0]["lr"] == pytest.approx(1e-3)  # the policy group follows the Trainer's scheduler only
     assert groups[-1]["lr"] == pytest.approx(1e-3 * 0.5 * schedule.lr_scale(step))
     assert trainer.args.max_grad_norm == pytest.approx(schedule.max_grad_norm(step - 1))
+
+
+def test_peft_wrapped_model_with_modules_to_save(tmp_path):
+    """get_peft_model over the whole EnergyVLAModel: LoRA on the backbone, the heads as modules_to_save."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    train_ds, _, backbone, plugin, collator = trainer_check.build(str(cache), strategy="combined", l1_loss_weight=1.0)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=r"backbone\..*language_model.*\.(q_proj|v_proj)",
+                        modules_to_save=["action_head", "energy_head"])
+    model = get_peft_model(EnergyVLAModel(backbone, plugin), config)
+    base = model.get_base_model()
+    original = {k: v.clone() for k, v in base.energy_head.original_module.state_dict().items()}
+    copy = {k: v.clone() for k, v in base.energy_head.modules_to_save["default"].state_dict().items()}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    trainer = EnergyTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
+    names = {id(p): n for n, p in model.named_parameters()}
+    energy_group = [names[id(p)] for p in trainer.create_optimizer().param_groups[-1]["params"]]
+    assert energy_group and all("energy_head.modules_to_save" in n for n in energy_group)
+    trainer.train()
+    # The trained copy moved and is what the plugin used; the original stayed; LoRA moved.
+    trained = base.energy_head.modules_to_save["default"].state_dict()
+    assert any(not torch.equal(copy[k], v) for k, v in trained.items())
+    assert all(torch.equal(original[k], v) for k, v in base.energy_head.original_module.state_dict().items())
+    assert any(not torch.equal(lora[n], p) for n, p in model.named_parameters() if n in lora)
+    assert plugin.energy_head is base.energy_head
+    assert any("energy/acc" in h for h in trainer.state.log_history)
+
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert any("energy_head" in k for k in saved) and any("action_head" in k for k in saved)
+    _, _, backbone2, plugin2, _ = trainer_check.build(str(cache), strategy="combined", l1_loss_weight=1.0)
+    reloaded = PeftModel.from_pretrained(EnergyVLAModel(backbone2, plugin2), tmp_path / "adapter")
+    again = reloaded.get_base_model().energy_head.modules_to_save["default"].state_dict()
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+def test_trainer_two_processes_checkpoint_and_resume(tmp_path):
+    """accelerate launch, 2 CPU processes: trains, logs, checkpoints heads + bank, resumes to step 4."""
+    cache = tmp_path / "cache"
+    trainer_check.build(str(cache))  # the dataset cache, before two processes read it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29611", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(HERE / "trainer_check.py"), "--resume_check", "--out_dir", str(tmp_path), "--cache_dir", str(cache)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"resume_rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["world"] == 2 and r["head_moved"] and r["logged_energy"]
+        assert r["bank_after_2"] == 12  # 2 steps x 2 ranks x 3 gathered chunks, identical on both ranks
+        assert r["global_step"] == 4 and r["bank_after_4"] == 24 and r["bank_kept"]
+        assert "model.safetensors" in r["checkpoint_files"] and f"{PLUGIN_STATE}.safetensors" in r["checkpoint_files"]
+    assert ranks[0]["head_after_2"] == ranks[1]["head_after_2"]  # DDP kept the heads equal

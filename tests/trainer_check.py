@@ -99,11 +99,56 @@ def run(grad_accum: int, out_dir: str, cache_dir: str) -> float:
     return worst
 
 
+def train_and_resume(out_dir: str, cache_dir: str) -> dict:
+    """2 steps with a checkpoint, then a fresh Trainer resumed from it to step 4; what each rank saw."""
+    def make(max_steps: int):
+        train_ds, _, backbone, plugin, collator = build(cache_dir, strategy="combined", l1_loss_weight=1.0,
+                                                        bank_size=32)
+        targs = TrainingArguments(
+            output_dir=os.path.join(out_dir, "out"), per_device_train_batch_size=B, max_steps=max_steps,
+            learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2, logging_steps=1, use_cpu=True,
+            seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        )
+        model = EnergyVLAModel(backbone, plugin)
+        return EnergyTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=collator), plugin
+
+    trainer, plugin = make(2)
+    before = [p.detach().clone() for p in plugin.energy_head.parameters()]
+    trainer.train()
+    world = trainer.accelerator.num_processes
+    result = {
+        "world": world,
+        "rank": trainer.accelerator.process_index,
+        "head_moved": any(not torch.equal(a, b) for a, b in zip(before, plugin.energy_head.parameters())),
+        "logged_energy": any("energy/acc" in h for h in trainer.state.log_history),
+        "bank_after_2": len(plugin.bank),
+        "bank_saved": plugin.bank.entries()[0].tolist(),
+        "head_after_2": [p.detach().sum().item() for p in plugin.energy_head.parameters()],
+    }
+    ckpt = os.path.join(out_dir, "out", "checkpoint-2")
+    resumed, plugin2 = make(4)
+    resumed.train(resume_from_checkpoint=ckpt)
+    result.update({
+        "global_step": resumed.state.global_step,
+        "bank_after_4": len(plugin2.bank),
+        "bank_kept": plugin2.bank.entries()[0][: result["bank_after_2"]].tolist() == result["bank_saved"],
+        "checkpoint_files": sorted(os.listdir(ckpt)),
+    })
+    del result["bank_saved"]
+    with open(os.path.join(out_dir, f"resume_rank{result['rank']}.json"), "w") as f:
+        json.dump(result, f)
+    return result
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--cache_dir", required=True)
+    parser.add_argument("--resume_check", action="store_true", help="train, checkpoint and resume instead")
     a = parser.parse_args()
+    if a.resume_check:
+        train_and_resume(a.out_dir, a.cache_dir)
+        sys.exit(0)
     err = run(a.grad_accum, a.out_dir, a.cache_dir)
     sys.exit(0 if err < 1e-3 else 1)  # float32 noise ~1e-4; a doubled or halved term is >= 0.5

@@ -32,6 +32,9 @@ class EnergyVLAModel(nn.Module):
 
     def forward(self, accelerator: Any = None, **inputs: Tensor) -> dict[str, Any]:
         """Backbone forward (with the model's own loss when `labels` are given) plus the plugin's losses."""
+        # The plugin computes with the heads this module holds now: peft's modules_to_save swaps them for wrappers
+        # whose trained copy must be the one used.
+        self.plugin.action_head, self.plugin.energy_head = self.action_head, self.energy_head
         outputs = self.backbone(**backbone_inputs(inputs), output_hidden_states=True)
         head_loss, metrics = self.plugin.compute_loss(outputs, inputs, accelerator)
         lm_loss = getattr(outputs, "loss", None) if "labels" in inputs else None
@@ -79,6 +82,14 @@ class _BankCallback(TrainerCallback):
         self.plugin.after_optimizer_step()
 
 
+def _energy_model(model: nn.Module) -> EnergyVLAModel:
+    """The EnergyVLAModel itself or inside a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, EnergyVLAModel):
+        raise ValueError(f"EnergyLossMixin needs an EnergyVLAModel (optionally peft-wrapped), got {type(model).__name__}")
+    return base
+
+
 class EnergyLossMixin:
     """Adds the energy loss to a Trainer subclass: `class MyTrainer(EnergyLossMixin, SomeTrainer)`.
 
@@ -93,10 +104,9 @@ class EnergyLossMixin:
     def __init__(self, *args: Any, energy_lr_scale: float = 0.1, schedule: Optional[ProgressiveSchedule] = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        model = self.model
-        if not isinstance(model, EnergyVLAModel):
-            raise ValueError(f"EnergyLossMixin needs an EnergyVLAModel, got {type(model).__name__}")
+        model = _energy_model(self.model)
         self.energy_plugin: EnergyPlugin = model.plugin
+        model.plugin.action_head, model.plugin.energy_head = model.action_head, model.energy_head
         self.energy_lr_scale = energy_lr_scale
         # Older Trainers decide GA scaling from this flag: False = "the Trainer divides by accumulation steps".
         self.model_accepts_loss_kwargs = False
@@ -114,7 +124,7 @@ class EnergyLossMixin:
         if self.optimizer is None:
             from .lora import param_groups
 
-            net: EnergyVLAModel = self.model
+            net = _energy_model(self.model)
             groups = param_groups(net.backbone, net.action_head, self.energy_plugin.energy_modules(),
                                   self.args.learning_rate, self.energy_lr_scale, self.args.weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, net)
