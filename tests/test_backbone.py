@@ -120,3 +120,86 @@ def test_read_backbone_left_padding_order():
     assert r.action_hidden[0, 0, :, 0].tolist() == [3.0, 4.0]  # layer 1, row 0: positions 2, 3
     assert r.action_hidden[1, 1, :, 0].tolist() == [8.0, 10.0]  # layer 2, row 1: positions 1, 3
     assert r.context_mask.tolist() == [[False, True, False, False, True], [True, False, True, False, True]]
+
+
+# ---------------------------------------------------------------- per-family processor-equivalents
+
+
+def _forward_two_rows(tiny, images):
+    """Right-padded rows of different lengths through the model; each row must match a forward on it alone."""
+    texts = ["go" + "<act>" * H, "move to the red cube" + "<act>" * H]
+    batch = tiny.processor(text=texts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = tiny.model(**batch, output_hidden_states=True)
+    layers, d = num_layers_of(tiny.model), hidden_size_of(tiny.model)
+    assert len(out.hidden_states) == layers + 1
+    assert all(h.shape == (len(texts), batch["input_ids"].shape[1], d) for h in out.hidden_states)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] < lengths[1] and batch["attention_mask"][0, lengths[0]:].eq(0).all()  # right padding
+    for row, n in enumerate(lengths):
+        alone = tiny.processor(text=[texts[row]], images=[images[row]], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ref = tiny.model(**alone, output_hidden_states=True).hidden_states
+        for h, r in zip(out.hidden_states, ref):
+            assert torch.allclose(h[row, :n], r[0], atol=1e-5)
+    return batch, out
+
+
+def _random_images(n, size=32):
+    g = torch.Generator().manual_seed(2)
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_tiny_qwen2_vl_processor_matches_the_model():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vla_energy.testing import IMAGE, VISION_END, VISION_START, make_tiny_vlm
+
+    tiny = make_tiny_vlm("qwen2_vl")
+    proc, images = tiny.processor, _random_images(2)
+    batch, _ = _forward_two_rows(tiny, images)
+    ids = batch["input_ids"]
+    # Patches as the real image processor lays them out (x / 127.5 - 1 == normalize(mean=std=0.5)).
+    real = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    expected = real(images, return_tensors="pt")
+    assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+    assert batch["pixel_values"].shape == (2 * 16, 3 * 2 * 8 * 8)
+    assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-6)
+    # t*h*w / merge^2 image tokens per row, between vision start and end; mm_token_type_ids marks exactly them.
+    n = proc.num_image_tokens
+    assert n == 4 == int(batch["image_grid_thw"][0].prod()) // 2**2
+    assert (ids == IMAGE).sum(1).tolist() == [n, n]
+    assert ids[:, 0].eq(VISION_START).all() and ids[:, 1 : 1 + n].eq(IMAGE).all() and ids[:, 1 + n].eq(VISION_END).all()
+    assert torch.equal(batch["mm_token_type_ids"], (ids == IMAGE).long())
+    # The image tokens get 2D (height, width) rope positions on the 2x2 merged grid, padding position 0.
+    pos, _ = tiny.model.model.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
+                                             image_grid_thw=batch["image_grid_thw"],
+                                             attention_mask=batch["attention_mask"])
+    assert pos[:, 0, 1 : 1 + n].tolist() == [[1, 1, 1, 1], [1, 1, 2, 2], [1, 2, 1, 2]]
+    assert pos[:, 0, 1 + n].tolist() == [3, 3, 3]  # vision end continues after the grid
+    assert pos[:, 0, batch["attention_mask"][0] == 0].eq(0).all()
+
+
+def test_tiny_idefics3_processor_matches_the_model_black_and_grey_images():
+    from vla_energy.testing import FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, make_tiny_vlm
+
+    tiny = make_tiny_vlm("idefics3")
+    n = tiny.processor.num_image_tokens
+    assert n == 4 == tiny.model.model.image_seq_len  # (32 / 8)^2 / scale_factor^2
+    black = Image.new("RGB", (32, 32), (0, 0, 0))
+    for grey in (127, 128):  # x / 127.5 - 1 is never 0, so no image looks like Idefics3's all-zero padding
+        images = [black, Image.new("RGB", (32, 32), (grey,) * 3)]
+        batch, _ = _forward_two_rows(tiny, images)
+        ids = batch["input_ids"]
+        assert (ids == IMAGE).sum(1).tolist() == [n, n]
+        assert ids[:, 1:3].eq(torch.tensor([FAKE_IMAGE, GLOBAL_IMAGE])).all() and ids[:, 3 + n].eq(FAKE_IMAGE).all()
+        assert batch["pixel_values"].shape == (2, 1, 3, 32, 32)
+        assert batch["pixel_attention_mask"].shape == (2, 1, 32, 32) and batch["pixel_attention_mask"].eq(1).all()
+        assert batch["pixel_values"][0].eq(-1).all() and batch["pixel_values"][1].abs().max() < 0.01
+        assert batch["pixel_values"].flatten(1).ne(0).any(1).all()
+    # What the guard is for: an all-zero image is dropped as padding and its image tokens are left unmatched.
+    batch["pixel_values"][1] = 0
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        tiny.model(**batch)

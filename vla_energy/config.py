@@ -27,7 +27,8 @@ class ModelArguments:
 
     backbone: str = field(
         default="tiny-llava",
-        metadata={"help": "tiny-llava | tiny-paligemma (random offline tiny VLMs) or an HF model path/id."},
+        metadata={"help": "tiny-llava, tiny-paligemma, tiny-qwen2_vl or tiny-idefics3 (random offline tiny VLMs), "
+                          "or an HF model path/id."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code (OpenVLA-style repos). Off unless you pass it."}
