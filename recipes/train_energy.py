@@ -79,13 +79,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Every trained module goes through prepare (DDP) so that all ranks keep identical weights. The scheduler is
     # stepped by hand once per optimizer step: its steps are optimizer steps, whatever the world size.
+    # A module left out of prepare only moves to the device: a frozen backbone (use_lora false; DDP refuses a module
+    # without trainable parameters) and, for the benchmark, the seeds' unsynced energy head.
+    frozen_backbone = not any(p.requires_grad for p in backbone.parameters())
+    if frozen_backbone:
+        backbone.to(accelerator.device)
+    else:
+        backbone = accelerator.prepare(backbone)
+    plugin.action_head = accelerator.prepare(plugin.action_head)
     if train.unsynced_energy_head:  # the seeds' setup, kept for the benchmark: each rank's head drifts alone
         plugin.energy_head.to(accelerator.device)
-        backbone, plugin.action_head, optimizer, train_dl = accelerator.prepare(
-            backbone, plugin.action_head, optimizer, train_dl)
     else:
-        backbone, plugin.action_head, plugin.energy_head, optimizer, train_dl = accelerator.prepare(
-            backbone, plugin.action_head, plugin.energy_head, optimizer, train_dl)
+        plugin.energy_head = accelerator.prepare(plugin.energy_head)
+    optimizer, train_dl = accelerator.prepare(optimizer, train_dl)
     if any(p.requires_grad for p in plugin.temperature.parameters()):
         plugin.temperature = accelerator.prepare(plugin.temperature)  # a learnable tau must stay equal on all ranks
     # Saved beside accelerate's state as safetensors + JSON (accelerate would pickle registered objects).

@@ -131,3 +131,15 @@ def test_bad_training_options_fail_early():
         parse_config(["--on_nonfinite", "ignore"])
     with pytest.raises(ValueError, match="per_device_batch_size=0"):
         parse_config(["--per_device_batch_size", "0"])
+
+
+def test_frozen_backbone_two_processes(tmp_path):
+    """use_lora false: the backbone stays out of DDP (it has nothing to train) and the heads still train."""
+    out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "frozen", "--use_lora", "false", "--max_steps", "2",
+           "--save_every", "2"]
+    run = _launch([*SMALL, *out], tmp_path, 29643)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "frozen" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["world_size"] == 2
+    ckpt = tmp_path / "runs" / "frozen" / "checkpoints" / "step_0000002"
+    assert (ckpt / "checkpoint_complete.json").exists() and (ckpt / "model_1.safetensors").exists()
