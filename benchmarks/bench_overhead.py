@@ -1,6 +1,7 @@
 """Overhead of the energy loss on a LoRA finetuning step of a tiny VLM (one process, interleaved runs).
 
     python benchmarks/bench_overhead.py [--steps 30 --batch 8]
+    python benchmarks/bench_overhead.py --hidden_size 768 --layers 12 --image_size 64   # a ~100M-parameter backbone
 
 "without": backbone forward + action head + L1 + backward + AdamW step. "with": the same plus the plugin's
 energy loss (combined strategy: gathered batch + 8 explicit negatives). The two variants alternate step by step
@@ -18,8 +19,9 @@ from torch.utils.data import DataLoader
 from vla_energy.backbone import backbone_inputs, hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
 from vla_energy.lora import LoraArguments, apply_lora, param_groups
-from vla_energy.models import load_backbone
+from vla_energy.models import LoadedBackbone, load_backbone
 from vla_energy.plugin import EnergyArguments, EnergyPlugin, masked_l1
+from vla_energy.testing import make_tiny_vlm
 
 
 def main() -> None:
@@ -27,10 +29,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--backbone", default="tiny-llava")
+    p.add_argument("--hidden_size", type=int, default=64, help="text model width of the tiny backbone")
+    p.add_argument("--layers", type=int, default=4, help="text model layers of the tiny backbone")
+    p.add_argument("--image_size", type=int, default=32, help="image side (image tokens: (side / 8)^2)")
     a = p.parse_args()
     torch.manual_seed(0)
     train, _, _ = build_datasets(DataConfig(dataset="synthetic"), progress=False)
     loaded = load_backbone(a.backbone)
+    if (a.hidden_size, a.layers, a.image_size) != (64, 4, 32):  # a bigger random backbone of the same family
+        tiny = make_tiny_vlm(loaded.tiny_kind, hidden_size=a.hidden_size, num_hidden_layers=a.layers,
+                             image_size=a.image_size)
+        loaded = LoadedBackbone(tiny.model, tiny.processor, loaded.action_token, loaded.action_token_id,
+                                loaded.name, loaded.tiny_kind)
+    params = sum(p.numel() for p in loaded.model.parameters())
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=16))
     plugin = EnergyPlugin(EnergyArguments(strategy="combined"), hidden_size_of(loaded.model),
                           len(train[0]["actions"][0]), 8, loaded.action_token_id)
@@ -55,6 +66,8 @@ def main() -> None:
         if step >= 2:  # the first pair warms up
             times[variant].append(time.perf_counter() - t0)
     base, full = statistics.median(times["without"]), statistics.median(times["with"])
+    print(f"backbone: {a.backbone}, hidden {a.hidden_size}, {a.layers} layers, image {a.image_size} px, "
+          f"{params / 1e6:.1f}M parameters, batch {a.batch}")
     print("| variant | median step s |\n|---|---|")
     print(f"| LoRA step, L1 only | {base:.4f} |\n| + energy plugin (combined) | {full:.4f} |")
     print(f"overhead: {100 * (full / base - 1):.1f}%")
