@@ -112,5 +112,7 @@ def add_action_token(processor: Any, model: nn.Module, token: str = "<|action|>"
     tokenizer = getattr(processor, "tokenizer", processor)
     if token not in tokenizer.get_vocab():
         tokenizer.add_tokens([token], special_tokens=True)
-        model.resize_token_embeddings(len(tokenizer))
+        # Many checkpoints pad the embedding matrix past the tokenizer (e.g. to a multiple of 128): grow, never shrink.
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
     return int(tokenizer.convert_tokens_to_ids(token))
