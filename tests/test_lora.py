@@ -84,3 +84,29 @@ def test_add_action_token_on_a_real_tokenizer():
     small.resize_token_embeddings(7)
     add_action_token(_word_tokenizer(), small, "<|action|>")
     assert small.get_input_embeddings().weight.shape[0] == 8  # grown to hold the new id
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_real_backbone_path_passes_trust_remote_code_only_when_asked(monkeypatch, trust):
+    """A hub/local name goes through AutoProcessor + AutoModelForImageTextToText with the user's trust flag."""
+    import transformers
+
+    from vla_energy.config import parse_config
+
+    seen = {}
+
+    def fake_processor(name, **kwargs):
+        seen["processor"] = (name, kwargs)
+        return _word_tokenizer()
+
+    def fake_model(name, **kwargs):
+        seen["model"] = (name, kwargs)
+        return make_tiny_vlm("llava").model
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", fake_processor)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", fake_model)
+    flags = ["--trust_remote_code", "true"] if trust else []
+    model_args, *_ = parse_config(["--backbone", "openvla/openvla-7b", *flags])
+    loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token)
+    assert seen["processor"][1]["trust_remote_code"] is trust and seen["model"][1]["trust_remote_code"] is trust
+    assert loaded.tiny_kind is None and loaded.action_token_id == 7
