@@ -1,4 +1,4 @@
-"""`make bench`: the cost benchmark, then a short learning benchmark; results printed as markdown tables.
+"""`make bench`: the cost benchmark, the plugin overhead on two backbone sizes, then a short learning benchmark.
 
 The learning part at full size (9 layouts x 3 seeds) takes long on 2 cores: run
 `python benchmarks/bench_learning.py` directly for it; here it runs 3 layouts x 1 seed.
@@ -12,5 +12,8 @@ HERE = Path(__file__).parent
 
 if __name__ == "__main__":
     subprocess.run([sys.executable, str(HERE / "bench_cost.py")], check=True)
+    subprocess.run([sys.executable, str(HERE / "bench_overhead.py")], check=True)
+    subprocess.run([sys.executable, str(HERE / "bench_overhead.py"), "--hidden_size", "768", "--layers", "12",
+                    "--image_size", "64", "--steps", "15"], check=True)
     subprocess.run([sys.executable, str(HERE / "bench_learning.py"), "--layouts", "1x24_inbatch", "8x3_local",
                     "8x3_global", "--seeds", "0"], check=True)
