@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 
-def _launch(args: list[str], tmp_path: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(args: list[str], tmp_path: Path, port: int, processes: int = 2,
+            script: Path = ROOT / "recipes" / "train_energy.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache")}
     launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "recipes" / "train_energy.py"), *args]
+           str(script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 

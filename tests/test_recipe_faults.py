@@ -1,27 +1,14 @@
 """The recipe under faults, 2 processes for real: exact resume, a NaN loss on one rank, a kill during a save."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from test_recipe import ROOT, SMALL, _launch
+from test_recipe import SMALL, _launch
 
 FAULTS = Path(__file__).resolve().parent / "recipe_faults.py"
-
-
-def _launch_faulty(mode: list[str], args: list[str], tmp_path: Path, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(FAULTS), *mode, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +66,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     report.mkdir()
     out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "nan", "--max_steps", "3",
            "--progressive_schedule", "true", "--schedule_stable_steps", "0", "--schedule_ramp_end_step", "3"]
-    run = _launch_faulty(["nan", str(report)], [*SMALL, *out], tmp_path, 29655)
+    run = _launch(["nan", str(report), *SMALL, *out], tmp_path, 29655, script=FAULTS)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "nan" / "metrics.json").read_text())
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 3
@@ -93,7 +80,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     """SIGKILL of the main process halfway through the 2nd save; --resume_from latest picks the 1st and finishes."""
     out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "killed", "--save_every", "1"]
-    killed = _launch_faulty(["kill"], [*SMALL, *out, "--max_steps", "3"], tmp_path, 29656)
+    killed = _launch(["kill", *SMALL, *out, "--max_steps", "3"], tmp_path, 29656, script=FAULTS)
     assert killed.returncode != 0
     ckpts = tmp_path / "runs" / "killed" / "checkpoints"
     assert (ckpts / "step_0000001" / "checkpoint_complete.json").exists()

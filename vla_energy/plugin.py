@@ -62,7 +62,9 @@ class EnergyArguments:
     energy_scale: float = field(default=2.0, metadata={"help": "Seed 000: * 2.0."})
     energy_offset: float = field(default=0.1, metadata={"help": "Seed 000: + 0.1, so E in (0.1, 2.1)."})
     action_head_dim: int = field(default=256, metadata={"help": "Width of the action head's MLP."})
-    negatives_seed: int = field(default=0, metadata={"help": "Seed of the noise/shuffle negatives (mixed with the process index and step)."})
+    negatives_seed: int = field(
+        default=0, metadata={"help": "Seed of the noise/shuffle negatives (mixed with the process index and step)."}
+    )
 
 
 def masked_l1(pred: Tensor, target: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
@@ -186,6 +188,7 @@ class EnergyPlugin:
             # and one saved generator state would give every rank rank 0's stream after a resume.
             seed = np.random.SeedSequence([self.args.negatives_seed, self.process_index, self.draws])
             self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+
             def energy_fn(chunk: Tensor) -> Tensor:
                 with torch.no_grad():
                     return head(ctx, chunk, context_mask=cmask, action_mask=action_mask)
@@ -219,7 +222,7 @@ class EnergyPlugin:
             self.bank.discard()
 
     def state_dict(self) -> dict[str, Any]:
-        """Bank, temperature and the count of negatives draws (which seeds the RNG): what `accelerator.register_for_checkpointing(plugin)` saves."""
+        """Bank, temperature and the count of negatives draws (it seeds their RNG): what checkpoints save."""
         state: dict[str, Any] = {"temperature": self.temperature.state_dict()}
         if self.bank is not None:
             state["bank"] = self.bank.state_dict()
