@@ -48,17 +48,13 @@ def inject_nan(report_dir: Path) -> None:
     def snapshot(plugin: EnergyPlugin) -> dict:
         groups = optimizers[0].param_groups
         b = plugin.bank
-        bank = {"actions": b.actions.clone(), "sample_ids": b.sample_ids.clone(), "count": b.count} if b is not None else {}
         return {"params": [p.detach().clone() for g in groups for p in g["params"]],
                 "lrs": [g["lr"] for g in groups],
-                "bank": bank}
+                "bank": [b.actions.clone(), b.sample_ids.clone(), torch.tensor(b.count)] if b is not None else []}
 
     def moved(a: dict, b: dict) -> dict:
-        bank_same = a["bank"].keys() == b["bank"].keys() and all(
-            torch.equal(a["bank"][k], b["bank"][k]) if isinstance(a["bank"][k], torch.Tensor)
-            else a["bank"][k] == b["bank"][k] for k in a["bank"])
-        return {"params": any(not torch.equal(x, y) for x, y in zip(a["params"], b["params"])),
-                "lrs": a["lrs"] != b["lrs"], "bank": not bank_same}
+        changed = {k: any(not torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in ("params", "bank")}
+        return {**changed, "lrs": a["lrs"] != b["lrs"]}
 
     def compute_loss(self, outputs, batch, accelerator):
         snapshots.append(snapshot(self))

@@ -122,19 +122,18 @@ def train_and_resume(out_dir: str, cache_dir: str) -> dict:
         "head_moved": any(not torch.equal(a, b) for a, b in zip(before, plugin.energy_head.parameters())),
         "logged_energy": any("energy/acc" in h for h in trainer.state.log_history),
         "bank_after_2": len(plugin.bank),
-        "bank_saved": plugin.bank.entries()[0].tolist(),
         "head_after_2": [p.detach().sum().item() for p in plugin.energy_head.parameters()],
     }
+    bank_saved = plugin.bank.entries()[0].clone()
     ckpt = os.path.join(out_dir, "out", "checkpoint-2")
     resumed, plugin2 = make(4)
     resumed.train(resume_from_checkpoint=ckpt)
     result.update({
         "global_step": resumed.state.global_step,
         "bank_after_4": len(plugin2.bank),
-        "bank_kept": plugin2.bank.entries()[0][: result["bank_after_2"]].tolist() == result["bank_saved"],
+        "bank_kept": torch.equal(plugin2.bank.entries()[0][: len(bank_saved)], bank_saved),
         "checkpoint_files": sorted(os.listdir(ckpt)),
     })
-    del result["bank_saved"]
     with open(os.path.join(out_dir, f"resume_rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)
     return result

@@ -30,11 +30,14 @@ class EnergyVLAModel(nn.Module):
         self.temperature = plugin.temperature
         self.plugin = plugin
 
+    def point_plugin_at_heads(self) -> None:
+        """Make the plugin compute with the heads this module holds now (peft's modules_to_save swaps them for
+        wrappers whose trained copy must be the one scored and optimized)."""
+        self.plugin.action_head, self.plugin.energy_head = self.action_head, self.energy_head
+
     def forward(self, accelerator: Any = None, **inputs: Tensor) -> dict[str, Any]:
         """Backbone forward (with the model's own loss when `labels` are given) plus the plugin's losses."""
-        # The plugin computes with the heads this module holds now: peft's modules_to_save swaps them for wrappers
-        # whose trained copy must be the one used.
-        self.plugin.action_head, self.plugin.energy_head = self.action_head, self.energy_head
+        self.point_plugin_at_heads()
         outputs = self.backbone(**backbone_inputs(inputs), output_hidden_states=True)
         head_loss, metrics = self.plugin.compute_loss(outputs, inputs, accelerator)
         lm_loss = getattr(outputs, "loss", None) if "labels" in inputs else None
@@ -106,7 +109,7 @@ class EnergyLossMixin:
         super().__init__(*args, **kwargs)
         model = _energy_model(self.model)
         self.energy_plugin: EnergyPlugin = model.plugin
-        model.plugin.action_head, model.plugin.energy_head = model.action_head, model.energy_head
+        model.point_plugin_at_heads()  # before create_optimizer reads the plugin's energy modules
         self.energy_lr_scale = energy_lr_scale
         # Older Trainers decide GA scaling from this flag: False = "the Trainer divides by accumulation steps".
         self.model_accepts_loss_kwargs = False
