@@ -13,6 +13,7 @@ from vla_energy import EnergyHead, EnergyHeadConfig
 from vla_energy.bank import ActionBank
 from vla_energy.distributed import gather_actions, global_infonce_loss
 from vla_energy.losses import inbatch_infonce_loss
+from vla_energy.plugin import masked_l1
 from vla_energy.strategy import plan_strategy, strategy_loss
 
 H, DA, S, D = 4, 2, 5, 8
@@ -139,6 +140,44 @@ def test_multiprocess_equals_single_process(tmp_path, sizes, prepared):
         assert torch.allclose(g, ref[name]["grads"], rtol=1e-6, atol=1e-10), name
         for key in ("e_pos", "e_neg", "acc", "num_negatives", "loss_floor"):
             assert got[name]["stats"][key] == pytest.approx(ref[name]["stats"][key], rel=1e-6, abs=1e-9), key
+
+
+def _policy() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(D, H * DA).double()
+
+
+def _l1(policy, data, accelerator):
+    pred = policy(data["context"].mean(1)).view(-1, H, DA)
+    return masked_l1(pred, data["actions"], data["action_mask"], accelerator)
+
+
+def _l1_worker(out_dir: str, sizes: list) -> None:
+    accelerator = _fresh_accelerator()
+    rank = accelerator.process_index
+    policy = _policy()
+    model = accelerator.prepare(policy)
+    loss = _l1(model, _slice(_data(sum(sizes)), sum(sizes[:rank]), sum(sizes[: rank + 1])), accelerator)
+    accelerator.backward(loss)
+    if rank == 0:
+        grads = torch.cat([p.grad.flatten() for p in policy.parameters()]).tolist()
+        mean_loss = float(accelerator.reduce(loss.detach().reshape(1), reduction="mean"))
+        Path(out_dir, "l1.json").write_text(json.dumps({"grads": grads, "loss": mean_loss}))
+    else:
+        accelerator.reduce(loss.detach().reshape(1), reduction="mean")
+
+
+@pytest.mark.parametrize("sizes", [[3, 1], [2, 2, 2, 0]], ids=["uneven", "4-with-empty"])
+def test_policy_l1_counts_real_steps_over_all_processes(tmp_path, sizes):
+    # _data masks steps in every third row, so the ranks hold different numbers of real steps.
+    debug_launcher(_l1_worker, args=(str(tmp_path), sizes), num_processes=len(sizes))
+    got = json.loads((tmp_path / "l1.json").read_text())
+    policy = _policy()
+    loss = _l1(policy, _data(sum(sizes)), SINGLE)
+    loss.backward()
+    ref = torch.cat([p.grad.flatten() for p in policy.parameters()])
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)  # masked_l1 computes in float32
+    assert torch.allclose(torch.tensor(got["grads"], dtype=torch.float64), ref, rtol=1e-6, atol=1e-10)
 
 
 def _mismatch_worker(out_dir: str) -> None:

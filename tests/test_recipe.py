@@ -144,3 +144,20 @@ def test_frozen_backbone_two_processes(tmp_path):
     assert metrics["steps"] == 2 and metrics["world_size"] == 2
     ckpt = tmp_path / "runs" / "frozen" / "checkpoints" / "step_0000002"
     assert (ckpt / "checkpoint_complete.json").exists() and (ckpt / "model_1.safetensors").exists()
+
+
+def test_two_by_two_trains_like_one_by_four(tmp_path):
+    """Same samples per step: 2 processes x 2 follow 1 process x 4 (policy L1, global InfoNCE, gradient norm)."""
+    histories = {}
+    for processes, port in ((1, 29644), (2, 29645)):
+        name = f"w{processes}"
+        args = [*SMALL, "--output_dir", str(tmp_path / "runs"), "--run_name", name, "--max_steps", "3",
+                "--per_device_batch_size", str(4 // processes), "--strategy", "global", "--bank_size", "0"]
+        run = _launch(args, tmp_path, port, processes=processes)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        history = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["history"]
+        histories[processes] = [h for h in history if "l1" in h]
+    assert [h["step"] for h in histories[1]] == [h["step"] for h in histories[2]] == [1, 2, 3]
+    for one, two in zip(histories[1], histories[2]):
+        for key in ("l1", "energy_loss", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), (one["step"], key)

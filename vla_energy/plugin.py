@@ -67,13 +67,22 @@ class EnergyArguments:
     )
 
 
-def masked_l1(pred: Tensor, target: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
-    """Mean absolute error over real action steps."""
+def masked_l1(
+    pred: Tensor, target: Tensor, action_mask: Optional[Tensor] = None, accelerator: Optional[Accelerator] = None
+) -> Tensor:
+    """Mean absolute error over real action steps; with an accelerator, over the real steps of all processes.
+
+    Across processes each rank returns sum(errors) * W / (real steps on all ranks), so that DDP's gradient mean equals
+    the gradient of one process holding every sample, as global_infonce_loss does; a per-rank mean would weight a
+    step by how many real steps its rank happens to hold.
+    """
     err = (pred.float() - target.float()).abs()
-    if action_mask is None:
-        return err.mean()
-    weights = action_mask.to(err.dtype).unsqueeze(-1).expand_as(err)
-    return (err * weights).sum() / weights.sum().clamp(min=1.0)
+    weights = torch.ones_like(err) if action_mask is None else action_mask.to(err.dtype).unsqueeze(-1).expand_as(err)
+    count = weights.sum()
+    world = 1 if accelerator is None else accelerator.num_processes
+    if world > 1:
+        count = accelerator.reduce(count.detach().clone(), reduction="sum")
+    return (err * weights).sum() * world / count.clamp(min=1.0)
 
 
 class EnergyPlugin:
@@ -162,7 +171,7 @@ class EnergyPlugin:
                 f"actions has shape {tuple(actions.shape)}, expected (B, H={self.horizon}, Da={self.action_dim})"
             )
         policy, layer_actions = self.predict_actions(readout)
-        l1 = masked_l1(policy, actions, action_mask)
+        l1 = masked_l1(policy, actions, action_mask, accelerator)
         energy_loss, stats = self.energy_loss(readout, actions, action_mask, batch.get("sample_id"),
                                               layer_actions, accelerator)
         total = self.args.l1_loss_weight * l1 + self.args.energy_loss_weight * energy_loss
