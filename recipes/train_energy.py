@@ -8,7 +8,9 @@ Every option is a field of the dataclasses in vla_energy/config.py (YAML keys an
 
 from __future__ import annotations
 
+import gc
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,10 +23,11 @@ from vla_energy.backbone import backbone_inputs, hidden_size_of
 from vla_energy.checkpoint import TrainState, load_states, resolve_resume, save_checkpoint
 from vla_energy.config import parse_config, save_run_config
 from vla_energy.data import VLACollator, build_datasets
+from vla_energy.data.normalization import NormStats
 from vla_energy.evaluation import evaluate, spread_indices
-from vla_energy.export import save_policy
-from vla_energy.lora import apply_lora, param_groups
-from vla_energy.models import load_backbone
+from vla_energy.export import load_policy, save_policy
+from vla_energy.lora import LoraArguments, apply_lora, param_groups
+from vla_energy.models import LoadedBackbone, load_backbone
 from vla_energy.nonfinite import all_finite
 from vla_energy.plugin import EnergyPlugin
 from vla_energy.report import plot_curves, plot_energy_histograms, write_metrics, write_report
@@ -50,12 +53,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_ds, val_ds, norm_stats = build_datasets(data_args, progress=main_proc and train.progress)
     action_dim = len(train_ds[0]["actions"][0])
 
-    # Backbone + LoRA, action head and energy head.
-    loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
-                           model_args.torch_dtype, seed=train.seed)
-    backbone = apply_lora(loaded.model, lora_args)
+    # Backbone + LoRA, action head and energy head; or a saved policy's backbone, adapter and action head.
+    if model_args.init_from:
+        backbone, loaded, action_head = start_from_policy(model_args.init_from, model_args.trust_remote_code,
+                                                          lora_args, action_dim, data_args.horizon, norm_stats)
+    else:
+        loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
+                               model_args.torch_dtype, seed=train.seed)
+        backbone, action_head = apply_lora(loaded.model, lora_args), None
     plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
-                          loaded.action_token_id)
+                          loaded.action_token_id, action_head=action_head)
     plan = plugin.setup(accelerator, train.per_device_batch_size)
 
     collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token)
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     progress.close()
     if state.step < train.max_steps:  # stop_after_steps: the next launch resumes from the checkpoint
         accelerator.print(f"stopped at step {state.step} of {train.max_steps}; resume with --resume_from latest")
+        backbone, plugin = release_ddp(accelerator, backbone, plugin)
+        gc.collect()
         accelerator.end_training()
         return {}
 
@@ -222,9 +231,46 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         write_outputs(run_dir, final, state.history, outputs, train.eval_num_negatives)
         accelerator.print(f"top-1 accuracy {final['top1_acc']:.3f} (chance {final['chance_acc']:.3f}); "
                           f"report: {run_dir / 'report.md'}")
+    backbone, plugin = release_ddp(accelerator, backbone, plugin)
+    gc.collect()  # DDP wrappers sit in reference cycles: free them while every process still holds the group
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def release_ddp(accelerator: Accelerator, backbone: torch.nn.Module, plugin: EnergyPlugin
+                ) -> tuple[torch.nn.Module, EnergyPlugin]:
+    """Drop the DDP wrappers before the process group is destroyed; returns the unwrapped modules.
+
+    A DDP reducer that is only freed at interpreter exit destroys the gloo group while holding the GIL, and gloo's
+    worker thread, still freeing the last barrier's tensors, waits for the GIL: rank 0 hung after its final report
+    (gdb stack in docs/reliability.md). Freed first (the caller collects the cycles), the group outlives the reducer
+    and end_training destroys it.
+    """
+    backbone = accelerator.unwrap_model(backbone)
+    for name in ("action_head", "energy_head", "temperature"):
+        setattr(plugin, name, accelerator.unwrap_model(getattr(plugin, name)))
+    accelerator.free_memory()
+    return backbone, plugin
+
+
+def start_from_policy(path: str, trust_remote_code: bool, lora_args: LoraArguments, action_dim: int, horizon: int,
+                      norm_stats: NormStats | None) -> tuple[torch.nn.Module, LoadedBackbone, torch.nn.Module]:
+    """Backbone (LoRA trainable iff use_lora), LoadedBackbone and action head of a saved policy, in train mode."""
+    policy = load_policy(path, trust_remote_code=trust_remote_code, trainable=lora_args.use_lora)
+    head_cfg = policy.plugin.action_head.config
+    if (head_cfg.action_dim, head_cfg.horizon) != (action_dim, horizon):
+        raise ValueError(f"init_from {path}: its action head predicts (horizon, action_dim) = "
+                         f"{(head_cfg.horizon, head_cfg.action_dim)}, the data has {(horizon, action_dim)}")
+    if policy.norm_stats is not None and policy.norm_stats != norm_stats:
+        warnings.warn(f"init_from {path}: the policy was trained with other action normalization statistics than "
+                      "this dataset's; its action head starts from actions scaled differently", stacklevel=2)
+    backbone = policy.backbone
+    if not lora_args.use_lora:
+        backbone.requires_grad_(False)
+    elif not policy.info["has_adapter"]:
+        backbone = apply_lora(backbone, lora_args)
+    return backbone.train(), policy.loaded_backbone(), policy.plugin.action_head.train()
 
 
 def write_outputs(run_dir: Path, final: dict, history: list[dict], outputs, num_negatives: int) -> None:

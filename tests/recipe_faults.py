@@ -4,10 +4,13 @@
                                                       writes REPORT_DIR/rank<r>.json: did anything move over the
                                                       skipped step, and over the next (normal) one
     recipe_faults.py kill [recipe args]               SIGKILL of the main process halfway through its 2nd save
+    recipe_faults.py ddp REPORT_DIR [recipe args]     each rank writes REPORT_DIR/rank<r>.json: how many DDP
+                                                      wrappers are still alive when end_training destroys the group
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -87,6 +90,20 @@ def inject_kill() -> None:
     checkpoint_mod.save_states = save_states
 
 
+def report_ddp_at_end(report_dir: Path) -> None:
+    """Count live DDP wrappers when end_training is called (a reducer freed later can deadlock gloo at exit)."""
+    from accelerate import Accelerator
+
+    original = Accelerator.end_training
+
+    def end_training(self):
+        alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        (report_dir / f"rank{self.process_index}.json").write_text(json.dumps({"ddp_alive": alive}))
+        original(self)
+
+    Accelerator.end_training = end_training
+
+
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "nan":
@@ -94,6 +111,9 @@ if __name__ == "__main__":
         rest = rest[1:]
     elif mode == "kill":
         inject_kill()
+    elif mode == "ddp":
+        report_ddp_at_end(Path(rest[0]))
+        rest = rest[1:]
     else:
-        raise SystemExit(f"unknown mode {mode!r}: nan | kill")
+        raise SystemExit(f"unknown mode {mode!r}: nan | kill | ddp")
     load_recipe().main(rest)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vla_energy.config import load_yaml, parse_config
 
@@ -161,3 +162,39 @@ def test_two_by_two_trains_like_one_by_four(tmp_path):
     for one, two in zip(histories[1], histories[2]):
         for key in ("l1", "energy_loss", "grad_norm"):
             assert two[key] == pytest.approx(one[key], rel=1e-4), (one["step"], key)
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_init_from_a_saved_policy(tmp_path):
+    """init_from: backbone, adapter and action head come from the saved policy; use_lora false keeps them frozen."""
+    runs = tmp_path / "runs"
+    first = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "a", "--max_steps", "2"], tmp_path, 29646,
+                    processes=1)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    a = json.loads((runs / "a" / "metrics.json").read_text())
+
+    # lr 0: nothing moves, so the held-out policy error is the saved policy's.
+    same = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "same", "--max_steps", "1", "--init_from",
+                    str(runs / "a"), "--learning_rate", "0"], tmp_path, 29647, processes=1)
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    assert json.loads((runs / "same" / "metrics.json").read_text())["action_l1"] == pytest.approx(a["action_l1"],
+                                                                                                 rel=1e-6)
+    # Frozen backbone and adapter under 2 processes: only the heads train.
+    frozen = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "frozen", "--max_steps", "2", "--init_from",
+                      str(runs / "a" / "model"), "--use_lora", "false"], tmp_path, 29648)
+    assert frozen.returncode == 0, frozen.stdout[-3000:] + frozen.stderr[-3000:]
+    for part, moved in (("adapter/adapter_model.safetensors", False), ("backbone/model.safetensors", False),
+                        ("action_head/model.safetensors", True)):
+        before, after = _tensors(runs / "a" / "model" / part), _tensors(runs / "frozen" / "model" / part)
+        assert before.keys() == after.keys()
+        changed = any(not torch.equal(before[k], after[k]) for k in before)
+        assert changed == moved, part
+
+    wrong = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "wrong", "--max_steps", "1", "--init_from",
+                     str(runs / "a"), "--horizon", "3"], tmp_path, 29649, processes=1)
+    assert wrong.returncode != 0 and "its action head predicts (horizon, action_dim) = (4, " in wrong.stderr

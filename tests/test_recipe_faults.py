@@ -91,3 +91,17 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     assert "at step 1" in resumed.stdout + resumed.stderr
     assert json.loads((tmp_path / "runs" / "killed" / "metrics.json").read_text())["steps"] == 3
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000001", "step_0000002", "step_0000003"]
+
+
+@pytest.mark.parametrize("ending", ["finished", "stop_after_steps"])
+def test_no_ddp_wrapper_outlives_the_process_group(tmp_path, ending):
+    """The recipe frees its DDP wrappers before end_training, on the normal and the time-limited way out."""
+    report = tmp_path / "report"
+    report.mkdir()
+    out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "ddp", "--max_steps", "2"]
+    if ending == "stop_after_steps":
+        out += ["--stop_after_steps", "1"]
+    run = _launch(["ddp", str(report), *SMALL, *out], tmp_path, 29658, script=FAULTS)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((report / f"rank{rank}.json").read_text()) == {"ddp_alive": 0}, rank

@@ -37,6 +37,11 @@ class ModelArguments:
         default="<|action|>", metadata={"help": "Action placeholder token added to a real tokenizer."}
     )
     torch_dtype: str = field(default="float32", metadata={"help": "Backbone weights dtype: float32 | bfloat16."})
+    init_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "A saved policy (run directory or its model/) to start from: its backbone, LoRA adapter and "
+                          "action head; the energy head starts fresh. With use_lora false the backbone stays frozen."},
+    )
 
 
 @dataclass

@@ -85,8 +85,18 @@ class LoadedPolicy:
     info: dict[str, Any]
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedPolicy:
-    """Load what save_policy wrote; a run directory (with model/) works too."""
+    def loaded_backbone(self) -> LoadedBackbone:
+        """The backbone (without adapter) and its action token, as load_backbone returns them."""
+        base = self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
+        info = self.info
+        return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"],
+                              info["tiny_kind"])
+
+
+def load_policy(
+    path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False, trainable: bool = False
+) -> LoadedPolicy:
+    """Load what save_policy wrote; a run directory (with model/) works too. trainable: LoRA and heads in train mode."""
     path = Path(path)
     if not (path / POLICY_CONFIG).exists() and (path / "model" / POLICY_CONFIG).exists():
         path = path / "model"
@@ -109,7 +119,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remo
             backbone.get_input_embeddings().weight[loaded.action_token_id] = row.to(
                 backbone.get_input_embeddings().weight.dtype)
     if info["has_adapter"]:
-        backbone = PeftModel.from_pretrained(backbone, path / "adapter")
+        backbone = PeftModel.from_pretrained(backbone, path / "adapter", is_trainable=trainable)
     plugin_cfg = info["plugin"]
     plugin = EnergyPlugin.from_pretrained_heads(
         EnergyArguments(**plugin_cfg["args"]),
@@ -123,5 +133,5 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remo
 
         norm_stats = NormStats.load(path / "norm_stats.json")
     for module in (backbone, plugin.action_head, plugin.energy_head):
-        module.to(device).eval()
+        module.to(device).train(trainable)
     return LoadedPolicy(backbone, processor, plugin, norm_stats, info)
