@@ -2,10 +2,15 @@
 
     python benchmarks/bench_learning.py [--seeds 0 1 2 --max_steps 120 --layouts 1x24_inbatch 8x3_local ...]
 
-Each run is `accelerate launch --multi_gpu --num_processes W recipes/train_energy.py` on CPU (gloo) with the
-layout's config from recipes/configs/ plus the overrides below, so every layout sees max_steps x 24 samples
-(the accumulation layout sees twice as many per step: its optimizer batch is 48). Results: a table of mean and
-spread over seeds, learning curves (PNG) and raw JSON in --out.
+First one policy is trained with the L1 loss only (--pretrain_steps, 2 processes x 12, LoRA), because the energy
+head can only rank chunks once the backbone's features carry the task, and the policy part of training is the same
+for every layout (W x b takes the same gradient step as 1 x Wb). Then every layout starts from that policy with the
+backbone frozen (`--init_from ... --use_lora false`) and trains the action head and a fresh energy head:
+`accelerate launch --multi_gpu --num_processes W recipes/train_energy.py` on CPU (gloo) with the layout's config
+from recipes/configs/ plus the overrides below, so every layout sees max_steps x 24 samples (the accumulation
+layout sees twice as many per step: its optimizer batch is 48). --pretrain_steps 0 trains every layout from
+scratch with LoRA instead. Results: a table of mean and spread over seeds, learning curves (PNG) and raw JSON in
+--out.
 """
 
 from __future__ import annotations
@@ -35,20 +40,22 @@ LAYOUTS = {
 }
 
 
-def run_one(name: str, seed: int, args: argparse.Namespace, port: int) -> dict:
-    procs, config, extra = LAYOUTS[name]
-    run_name = f"{name}_s{seed}"
+def launch(procs: int, run_name: str, config: str, flags: list[str], args: argparse.Namespace, port: int) -> dict:
+    """One recipe run with real processes; returns its metrics.json (plus wall_seconds)."""
     launcher = ["--multi_gpu", "--num_processes", str(procs)] if procs > 1 else ["--num_processes", "1"]
+    task = ["--synthetic_view", args.view, "--num_episodes", str(args.num_episodes), "--num_targets",
+            str(args.num_targets), "--min_episode_length", "10", "--max_episode_length", "20"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            str(ROOT / "recipes" / "train_energy.py"), "--config", str(ROOT / "recipes" / "configs" / config),
-           "--output_dir", str(args.out), "--run_name", run_name, "--seed", str(seed),
-           "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every), "--log_with", "none",
-           "--no_progress", "--num_episodes", str(args.num_episodes), "--num_targets", str(args.num_targets),
-           "--backbone", args.backbone, *extra, *args.extra]
+           "--output_dir", str(args.out), "--run_name", run_name, "--log_with", "none", "--no_progress",
+           "--backbone", args.backbone, *task, *flags, *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{run_name} ran past --run_timeout {args.run_timeout}s (hung?)") from e
     if proc.returncode != 0:
         raise RuntimeError(f"{run_name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     metrics = json.loads((args.out / run_name / "metrics.json").read_text())
@@ -56,14 +63,35 @@ def run_one(name: str, seed: int, args: argparse.Namespace, port: int) -> dict:
     return metrics
 
 
+def pretrain(args: argparse.Namespace, port: int) -> Path:
+    """The shared starting policy: L1 only, LoRA, 2 processes x 12 (the same updates as 1 x 24)."""
+    flags = ["--seed", "0", "--max_steps", str(args.pretrain_steps), "--eval_every", "0", "--energy_loss_weight", "0",
+             "--per_device_batch_size", "12", "--strategy", "global", "--learning_rate", "1e-3"]
+    m = launch(2, "pretrain", "layout_2x12_global.yaml", flags, args, port)
+    print(f"pretrained policy: held-out action L1 {m['action_l1']:.3f} after {args.pretrain_steps} steps "
+          f"({m['wall_seconds']:.0f}s)", flush=True)
+    return args.out / "pretrain" / "model"
+
+
+def run_one(name: str, seed: int, args: argparse.Namespace, port: int, policy: Path | None) -> dict:
+    procs, config, extra = LAYOUTS[name]
+    start = ["--init_from", str(policy), "--use_lora", "false"] if policy is not None else []
+    flags = ["--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every),
+             *start, *extra]
+    return launch(procs, f"{name}_s{seed}", config, flags, args, port)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=120)
-    p.add_argument("--eval_every", type=int, default=40)
-    p.add_argument("--num_episodes", type=int, default=160)
-    p.add_argument("--num_targets", type=int, default=3)
+    p.add_argument("--eval_every", type=int, default=30)
+    p.add_argument("--run_timeout", type=int, default=1800, help="seconds before one run counts as hung")
+    p.add_argument("--pretrain_steps", type=int, default=900, help="L1-only steps of the shared starting policy")
+    p.add_argument("--view", default="wrist", choices=["wrist", "top_down"], help="synthetic camera (docs/data.md)")
+    p.add_argument("--num_episodes", type=int, default=400)
+    p.add_argument("--num_targets", type=int, default=1)
     p.add_argument("--backbone", default="tiny-llava")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_learning")
     p.add_argument("extra", nargs="*", help="more recipe flags after --, e.g. -- --tau 0.2")
@@ -71,12 +99,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     port = 29700
+    policy = pretrain(args, port) if args.pretrain_steps else None
     for name in args.layouts:
         for seed in args.seeds:
             port += 1
-            m = run_one(name, seed, args, port)
+            m = run_one(name, seed, args, port, policy)
             results.setdefault(name, []).append(m)
-            print(f"{name} seed {seed}: top1 {m['top1_acc']:.3f} gap {m['gap']:.3f} ({m['wall_seconds']:.0f}s)",
+            print(f"{name} seed {seed}: top1 {m['top1_acc']:.3f} gap {m['gap']:.3f} action L1 {m['action_l1']:.3f} "
+                  f"({m['wall_seconds']:.0f}s)",
                   flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n| layout | top-1 acc (mean ± sd over {len(args.seeds)} seeds) | energy gap | negatives/positive |")

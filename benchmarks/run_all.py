@@ -1,7 +1,7 @@
 """`make bench`: the cost benchmark, the plugin overhead on two backbone sizes, then a short learning benchmark.
 
-The learning part at full size (9 layouts x 3 seeds) takes long on 2 cores: run
-`python benchmarks/bench_learning.py` directly for it; here it runs 3 layouts x 1 seed.
+The learning part at full size (9 layouts x 3 seeds, about 45 minutes on 2 cores) runs with
+`python benchmarks/bench_learning.py`; here it runs the shared policy, then 3 layouts x 1 seed.
 """
 
 import subprocess
