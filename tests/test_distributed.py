@@ -159,12 +159,10 @@ def _l1_worker(out_dir: str, sizes: list) -> None:
     model = accelerator.prepare(policy)
     loss = _l1(model, _slice(_data(sum(sizes)), sum(sizes[:rank]), sum(sizes[: rank + 1])), accelerator)
     accelerator.backward(loss)
+    mean_loss = float(accelerator.reduce(loss.detach().reshape(1), reduction="mean"))
     if rank == 0:
         grads = torch.cat([p.grad.flatten() for p in policy.parameters()]).tolist()
-        mean_loss = float(accelerator.reduce(loss.detach().reshape(1), reduction="mean"))
         Path(out_dir, "l1.json").write_text(json.dumps({"grads": grads, "loss": mean_loss}))
-    else:
-        accelerator.reduce(loss.detach().reshape(1), reduction="mean")
 
 
 @pytest.mark.parametrize("sizes", [[3, 1], [2, 2, 2, 0]], ids=["uneven", "4-with-empty"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vla_energy.config import load_yaml, parse_config
 
@@ -164,12 +165,6 @@ def test_two_by_two_trains_like_one_by_four(tmp_path):
             assert two[key] == pytest.approx(one[key], rel=1e-4), (one["step"], key)
 
 
-def _tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def test_init_from_a_saved_policy(tmp_path):
     """init_from: backbone, adapter and action head come from the saved policy; use_lora false keeps them frozen."""
     runs = tmp_path / "runs"
@@ -190,7 +185,7 @@ def test_init_from_a_saved_policy(tmp_path):
     assert frozen.returncode == 0, frozen.stdout[-3000:] + frozen.stderr[-3000:]
     for part, moved in (("adapter/adapter_model.safetensors", False), ("backbone/model.safetensors", False),
                         ("action_head/model.safetensors", True)):
-        before, after = _tensors(runs / "a" / "model" / part), _tensors(runs / "frozen" / "model" / part)
+        before, after = (load_file(str(runs / run / "model" / part)) for run in ("a", "frozen"))
         assert before.keys() == after.keys()
         changed = any(not torch.equal(before[k], after[k]) for k in before)
         assert changed == moved, part
