@@ -25,7 +25,7 @@ venv: $(STAMP)
 # 2 processes on the CPU (gloo), the tiny offline VLM and the synthetic task; one thread per process.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \
-		recipes/train_energy.py --config recipes/configs/demo.yaml
+		-m vla_energy.training.train --config demo
 	@echo "demo finished: report in runs/demo/report.md (metrics.json, plots beside it)"
 
 test: $(STAMP)

@@ -7,7 +7,7 @@ head can only rank chunks once the backbone's features carry the task, and the p
 for every layout (W x b takes the same gradient step as 1 x Wb). Then every layout starts from that policy with the
 backbone frozen (`--init_from ... --use_lora false`) and trains the action head and a fresh energy head:
 `accelerate launch --multi_gpu --num_processes W recipes/train_energy.py` on CPU (gloo) with the layout's config
-from recipes/configs/ plus the overrides below, so every layout sees max_steps x 24 samples (the accumulation
+from benchmarks/configs/ plus the overrides below, so every layout sees max_steps x 24 samples (the accumulation
 layout sees twice as many per step: its optimizer batch is 48). --pretrain_steps 0 trains every layout from
 scratch with LoRA instead. Results: a table of mean and spread over seeds, learning curves (PNG) and raw JSON in
 --out.
@@ -26,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name: (processes, config, extra flags)
+UNSYNCED = ROOT / "benchmarks" / "train_unsynced_head.py"
+
+# name: (processes, config, extra flags); the unsynced layout runs the recipe through train_unsynced_head.py
 LAYOUTS = {
     "1x24_inbatch": (1, "layout_1x24_inbatch.yaml", []),
     "8x3_local": (8, "layout_8x3_local.yaml", []),
@@ -36,19 +38,23 @@ LAYOUTS = {
     "4x6_global": (4, "layout_4x6_global.yaml", []),
     "2x12_global": (2, "layout_2x12_global.yaml", []),
     "8x3_accum2": (8, "layout_8x3_accum2.yaml", []),
-    "8x3_local_unsynced": (8, "layout_8x3_local.yaml", ["--unsynced_energy_head", "true"]),
+    "8x3_local_unsynced": (8, "layout_8x3_local.yaml", ["--script", str(UNSYNCED)]),
 }
 
 
 def launch(procs: int, run_name: str, config: str, flags: list[str], args: argparse.Namespace, port: int) -> dict:
     """One recipe run with real processes; returns its metrics.json (plus wall_seconds)."""
+    script = ROOT / "recipes" / "train_energy.py"
+    if "--script" in flags:
+        i = flags.index("--script")
+        script, flags = Path(flags[i + 1]), flags[:i] + flags[i + 2:]
     launcher = ["--multi_gpu", "--num_processes", str(procs)] if procs > 1 else ["--num_processes", "1"]
     task = ["--synthetic_view", args.view, "--num_episodes", str(args.num_episodes), "--num_targets",
             str(args.num_targets), "--min_episode_length", "10", "--max_episode_length", "20"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(ROOT / "recipes" / "train_energy.py"), "--config", str(ROOT / "recipes" / "configs" / config),
-           "--output_dir", str(args.out), "--run_name", run_name, "--log_with", "none", "--no_progress",
+           str(script), "--config", str(ROOT / "benchmarks" / "configs" / config),
+           "--output_dir", str(args.out), "--run_name", run_name, "--report_to", "none", "--disable_tqdm",
            "--backbone", args.backbone, *task, *flags, *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
@@ -65,8 +71,8 @@ def launch(procs: int, run_name: str, config: str, flags: list[str], args: argpa
 
 def pretrain(args: argparse.Namespace, port: int) -> Path:
     """The shared starting policy: L1 only, LoRA, 2 processes x 12 (the same updates as 1 x 24)."""
-    flags = ["--seed", "0", "--max_steps", str(args.pretrain_steps), "--eval_every", "0", "--energy_loss_weight", "0",
-             "--per_device_batch_size", "12", "--strategy", "global", "--learning_rate", "1e-3"]
+    flags = ["--seed", "0", "--max_steps", str(args.pretrain_steps), "--eval_steps", "0", "--energy_loss_weight", "0",
+             "--per_device_train_batch_size", "12", "--strategy", "global", "--learning_rate", "1e-3"]
     m = launch(2, "pretrain", "layout_2x12_global.yaml", flags, args, port)
     print(f"pretrained policy: held-out action L1 {m['action_l1']:.3f} after {args.pretrain_steps} steps "
           f"({m['wall_seconds']:.0f}s)", flush=True)
@@ -76,7 +82,7 @@ def pretrain(args: argparse.Namespace, port: int) -> Path:
 def run_one(name: str, seed: int, args: argparse.Namespace, port: int, policy: Path | None) -> dict:
     procs, config, extra = LAYOUTS[name]
     start = ["--init_from", str(policy), "--use_lora", "false"] if policy is not None else []
-    flags = ["--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_every", str(args.eval_every),
+    flags = ["--seed", str(seed), "--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps),
              *start, *extra]
     return launch(procs, f"{name}_s{seed}", config, flags, args, port)
 
@@ -86,7 +92,7 @@ def main() -> None:
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_steps", type=int, default=120)
-    p.add_argument("--eval_every", type=int, default=30)
+    p.add_argument("--eval_steps", type=int, default=30)
     p.add_argument("--run_timeout", type=int, default=1800, help="seconds before one run counts as hung")
     p.add_argument("--pretrain_steps", type=int, default=900, help="L1-only steps of the shared starting policy")
     p.add_argument("--view", default="wrist", choices=["wrist", "top_down"], help="synthetic camera (docs/data.md)")
@@ -124,7 +130,7 @@ def main() -> None:
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     """Held-out top-1 accuracy against optimizer steps, mean over seeds, one line per layout."""
-    from vla_energy.report import plt
+    from vla_energy.evaluation.report import plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, runs in results.items():

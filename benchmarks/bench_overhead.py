@@ -16,12 +16,14 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-from vla_energy.backbone import backbone_inputs, hidden_size_of
+from vla_energy.backbones.loading import LoadedBackbone, load_backbone
+from vla_energy.backbones.lora import LoraArguments, apply_lora
+from vla_energy.backbones.param_groups import param_groups
+from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
-from vla_energy.lora import LoraArguments, apply_lora, param_groups
-from vla_energy.models import LoadedBackbone, load_backbone
-from vla_energy.plugin import EnergyArguments, EnergyPlugin, masked_l1
-from vla_energy.testing import make_tiny_vlm
+from vla_energy.losses.policy_l1 import masked_l1
+from vla_energy.testing.tiny_vlms import make_tiny_vlm
+from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 
 def main() -> None:

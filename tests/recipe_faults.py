@@ -1,4 +1,4 @@
-"""recipes/train_energy.py with an injected fault, run by `accelerate launch` from test_recipe_faults.py.
+"""The training recipe with an injected fault, run by `accelerate launch` from test_recipe_faults.py.
 
     recipe_faults.py nan  REPORT_DIR [recipe args]   a NaN loss on the last rank at its 2nd micro-batch; each rank
                                                       writes REPORT_DIR/rank<r>.json: did anything move over the
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import signal
@@ -20,19 +19,11 @@ from pathlib import Path
 
 import torch
 
-import vla_energy.checkpoint as checkpoint_mod
-from vla_energy.plugin import EnergyPlugin
+import vla_energy.training.checkpoints as checkpoint_mod
+from vla_energy.training.plugin import EnergyPlugin
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN_CALL = 2  # 1-based micro-batch index whose loss becomes NaN
-
-
-def load_recipe():
-    """recipes/train_energy.py as a module."""
-    spec = importlib.util.spec_from_file_location("train_energy", ROOT / "recipes" / "train_energy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def inject_nan(report_dir: Path) -> None:
@@ -116,4 +107,6 @@ if __name__ == "__main__":
         rest = rest[1:]
     else:
         raise SystemExit(f"unknown mode {mode!r}: nan | kill | ddp")
-    load_recipe().main(rest)
+    from vla_energy.training.train import main
+
+    main(rest)

@@ -5,12 +5,13 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from vla_energy.backbone import backbone_inputs, hidden_size_of, num_layers_of, read_backbone
-from vla_energy.export import load_policy, save_policy
-from vla_energy.lora import LoraArguments, apply_lora, param_groups
-from vla_energy.models import load_backbone
-from vla_energy.plugin import EnergyArguments, EnergyPlugin
-from vla_energy.testing import TINY_VLM_KINDS
+from vla_energy.backbones.loading import load_backbone
+from vla_energy.backbones.lora import LoraArguments, apply_lora
+from vla_energy.backbones.param_groups import param_groups
+from vla_energy.backbones.readout import backbone_inputs, hidden_size_of, num_layers_of, read_backbone
+from vla_energy.inference.serialization import load_policy, save_policy
+from vla_energy.testing.tiny_vlms import TINY_VLM_KINDS
+from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 H, DA, B = 4, 3, 6
 
@@ -153,7 +154,7 @@ def _random_images(n, size=32):
 def test_tiny_qwen2_vl_processor_matches_the_model():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vla_energy.testing import IMAGE, VISION_END, VISION_START, make_tiny_vlm
+    from vla_energy.testing.tiny_vlms import IMAGE, VISION_END, VISION_START, make_tiny_vlm
 
     tiny = make_tiny_vlm("qwen2_vl")
     proc, images = tiny.processor, _random_images(2)
@@ -183,7 +184,7 @@ def test_tiny_qwen2_vl_processor_matches_the_model():
 
 
 def test_tiny_idefics3_processor_matches_the_model_black_and_grey_images():
-    from vla_energy.testing import FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, make_tiny_vlm
+    from vla_energy.testing.tiny_vlms import FAKE_IMAGE, GLOBAL_IMAGE, IMAGE, make_tiny_vlm
 
     tiny = make_tiny_vlm("idefics3")
     n = tiny.processor.num_image_tokens

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from vla_energy.bank import ActionBank
-from vla_energy.checkpoint import (
+from vla_energy.losses.bank import ActionBank
+from vla_energy.training.checkpoints import (
     COMPLETE_MARKER,
     TrainState,
     latest_checkpoint,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 from transformers import HfArgumentParser
 
-from vla_energy.backbone import backbone_inputs
+from vla_energy.backbones.readout import backbone_inputs
 from vla_energy.data import (
     DataConfig,
     NormStats,
@@ -35,7 +35,7 @@ from vla_energy.data import (
 )
 from vla_energy.data import video as video_mod
 from vla_energy.data.synthetic import GAIN, PALETTE, WRIST_ZOOM
-from vla_energy.testing import TINY_VLM_KINDS, make_tiny_vlm
+from vla_energy.testing.tiny_vlms import TINY_VLM_KINDS, make_tiny_vlm
 
 # ---------------------------------------------------------------- chunking
 

@@ -10,11 +10,11 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 
 from vla_energy import EnergyHead, EnergyHeadConfig
-from vla_energy.bank import ActionBank
-from vla_energy.distributed import gather_actions, global_infonce_loss
-from vla_energy.losses import inbatch_infonce_loss
-from vla_energy.plugin import masked_l1
-from vla_energy.strategy import plan_strategy, strategy_loss
+from vla_energy.losses.bank import ActionBank
+from vla_energy.losses.global_infonce import gather_actions, global_infonce_loss
+from vla_energy.losses.infonce import inbatch_infonce_loss
+from vla_energy.losses.policy_l1 import masked_l1
+from vla_energy.losses.strategy import plan_strategy, strategy_loss
 
 H, DA, S, D = 4, 2, 5, 8
 SINGLE = SimpleNamespace(num_processes=1, process_index=0)
@@ -273,7 +273,7 @@ def test_hybrid_decision_table_and_strategy_columns():
 
 
 def _nonfinite_worker(out_dir: str) -> None:
-    from vla_energy.nonfinite import all_finite
+    from vla_energy.training.nonfinite import all_finite
 
     accelerator = _fresh_accelerator()
     rank = accelerator.process_index

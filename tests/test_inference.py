@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
-from vla_energy.inference import RerankResult, propose_candidates, refine, rerank
-from vla_energy.losses import inbatch_infonce_loss, infonce_loss
+from vla_energy.inference.rerank import RerankResult, propose_candidates, refine, rerank
+from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss
 
 H, DA, D, S = 4, 2, 16, 3
 TRAIN_STEPS, BATCH, TAU = 300, 16, 0.1

@@ -7,12 +7,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 
-from vla_energy.backbone import add_action_token
-from vla_energy.export import save_policy
-from vla_energy.lora import VISION_MODULES_PATTERN, LoraArguments, apply_lora
-from vla_energy.models import load_backbone
-from vla_energy.plugin import EnergyArguments, EnergyPlugin
-from vla_energy.testing import TINY_VLM_KINDS, make_tiny_vlm
+from vla_energy.backbones.action_token import add_action_token
+from vla_energy.backbones.loading import load_backbone
+from vla_energy.backbones.lora import VISION_MODULES_PATTERN, LoraArguments, apply_lora
+from vla_energy.inference.serialization import save_policy
+from vla_energy.testing.tiny_vlms import TINY_VLM_KINDS, make_tiny_vlm
+from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 VISION_NAMES = ("vision_tower.", "vision_model.", "visual.")
 
@@ -91,7 +91,7 @@ def test_real_backbone_path_passes_trust_remote_code_only_when_asked(monkeypatch
     """A hub/local name goes through AutoProcessor + AutoModelForImageTextToText with the user's trust flag."""
     import transformers
 
-    from vla_energy.config import parse_config
+    from vla_energy.training.arguments import parse_config
 
     seen = {}
 

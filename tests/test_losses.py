@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vla_energy.losses import inbatch_infonce_loss, infonce_loss, loss_floor
+from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss, loss_floor
 
 
 def test_infonce_hand_value():

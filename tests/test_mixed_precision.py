@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
-from vla_energy.inference import refine
-from vla_energy.losses import inbatch_infonce_loss, infonce_loss
+from vla_energy.inference.rerank import refine
+from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss
 
 B, S, K, H, DA, D = 8, 5, 9, 4, 2, 16
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vla_energy.negatives import (
+from vla_energy.losses.negatives import (
     Negatives,
     build_negatives,
     false_negative_mask,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from vla_energy.losses import inbatch_infonce_loss, infonce_loss
+from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss
 
 # Deterministic: the same examples on every run and machine, no flaky deadlines on a loaded CPU.
 PROPERTY = settings(derandomize=True, max_examples=60, deadline=None, database=None)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vla_energy.config import load_yaml, parse_config
+from vla_energy.training.arguments import load_yaml, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "vla_energy" / "training" / "configs").glob("*.yaml"),
+                  *(ROOT / "benchmarks" / "configs").glob("*.yaml")])
 
 
 def _launch(args: list[str], tmp_path: Path, port: int, processes: int = 2,
@@ -26,15 +27,15 @@ def _launch(args: list[str], tmp_path: Path, port: int, processes: int = 2,
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
-SMALL = ["--backbone", "tiny-llava", "--num_episodes", "30", "--horizon", "4", "--per_device_batch_size", "4",
-         "--eval_every", "0", "--eval_max_samples", "48", "--val_fraction", "0.25", "--log_every", "1", "--lora_r", "4",
-         "--energy_hidden_dim", "32", "--action_head_dim", "32", "--log_with", "none", "--no_progress",
+SMALL = ["--backbone", "tiny-llava", "--num_episodes", "30", "--horizon", "4", "--per_device_train_batch_size", "4",
+         "--eval_steps", "0", "--eval_max_samples", "48", "--val_fraction", "0.25", "--logging_steps", "1", "--lora_r", "4",
+         "--energy_hidden_dim", "32", "--action_head_dim", "32", "--report_to", "none", "--disable_tqdm",
          "--progressive_schedule", "false", "--bank_size", "32", "--strategy", "combined"]
 
 
 def test_two_processes_end_to_end_and_resume(tmp_path):
     out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "t"]
-    first = _launch([*SMALL, *out, "--max_steps", "3", "--save_every", "2"], tmp_path, 29641)
+    first = _launch([*SMALL, *out, "--max_steps", "3", "--save_steps", "2"], tmp_path, 29641)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -53,7 +54,7 @@ def test_two_processes_end_to_end_and_resume(tmp_path):
     assert (ckpt / "energy_plugin.safetensors").exists() and (ckpt / "train_state.json").exists()
     assert not list(ckpt.glob("custom_checkpoint_*"))
 
-    resumed = _launch([*SMALL, *out, "--max_steps", "4", "--resume_from", "latest"], tmp_path, 29642)
+    resumed = _launch([*SMALL, *out, "--max_steps", "4", "--resume_from_checkpoint", "latest"], tmp_path, 29642)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "at step 2" in resumed.stdout + resumed.stderr
     metrics = json.loads((run / "metrics.json").read_text())
@@ -68,14 +69,14 @@ def _check_evaluate_and_policy(run, tmp_path):
     import numpy as np
     import torch
 
-    from vla_energy.cli import main as cli_main
-    from vla_energy.config import load_run_config
     from vla_energy.data import build_datasets
-    from vla_energy.evaluation import spread_indices
-    from vla_energy.inference import EnergyPolicy
+    from vla_energy.evaluation.cli import main as cli_main
+    from vla_energy.evaluation.metrics import spread_indices
+    from vla_energy.inference.policy import EnergyPolicy
+    from vla_energy.training.arguments import load_run_config
 
     os.environ["VLA_ENERGY_CACHE"] = str(tmp_path / "cache")
-    assert cli_main(["evaluate", str(run), "--max_samples", "40", "--no_progress"]) == 0
+    assert cli_main(["evaluate", str(run), "--max_samples", "40", "--disable_tqdm"]) == 0
     out = json.loads((run / "eval_val" / "metrics.json").read_text())
     for name in ("energy_by_type.png", "accuracy_by_type.png", "action_l1.png", "report.md"):
         assert (run / "eval_val" / name).exists()
@@ -109,11 +110,11 @@ def _check_evaluate_and_policy(run, tmp_path):
 def test_every_config_parses(path):
     assert load_yaml(path)
     model, data, lora, energy, train = parse_config(["--config", str(path)])
-    assert train.per_device_batch_size >= 1 and data.horizon >= 1
+    assert train.per_device_train_batch_size >= 1 and data.horizon >= 1
 
 
 def test_cli_overrides_yaml_and_unknown_keys_fail(tmp_path):
-    *_, train = parse_config(["--config", str(ROOT / "recipes/configs/demo.yaml"), "--max_steps", "7"])
+    *_, train = parse_config(["--config", "demo", "--max_steps", "7"])
     assert train.max_steps == 7
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 3\n")
@@ -122,24 +123,24 @@ def test_cli_overrides_yaml_and_unknown_keys_fail(tmp_path):
 
 
 def test_configuration_reference_is_current():
-    from vla_energy.config import config_reference_markdown
+    from vla_energy.training.arguments import config_reference_markdown
 
     assert (ROOT / "docs" / "configuration.md").read_text() == config_reference_markdown(), (
-        "docs/configuration.md is stale: python -m vla_energy.config > docs/configuration.md"
+        "docs/configuration.md is stale: python -m vla_energy.training.arguments > docs/configuration.md"
     )
 
 
 def test_bad_training_options_fail_early():
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
         parse_config(["--on_nonfinite", "ignore"])
-    with pytest.raises(ValueError, match="per_device_batch_size=0"):
-        parse_config(["--per_device_batch_size", "0"])
+    with pytest.raises(ValueError, match="per_device_train_batch_size=0"):
+        parse_config(["--per_device_train_batch_size", "0"])
 
 
 def test_frozen_backbone_two_processes(tmp_path):
     """use_lora false: the backbone stays out of DDP (it has nothing to train) and the heads still train."""
     out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "frozen", "--use_lora", "false", "--max_steps", "2",
-           "--save_every", "2"]
+           "--save_steps", "2"]
     run = _launch([*SMALL, *out], tmp_path, 29643)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "frozen" / "metrics.json").read_text())
@@ -154,7 +155,7 @@ def test_two_by_two_trains_like_one_by_four(tmp_path):
     for processes, port in ((1, 29644), (2, 29645)):
         name = f"w{processes}"
         args = [*SMALL, "--output_dir", str(tmp_path / "runs"), "--run_name", name, "--max_steps", "3",
-                "--per_device_batch_size", str(4 // processes), "--strategy", "global", "--bank_size", "0"]
+                "--per_device_train_batch_size", str(4 // processes), "--strategy", "global", "--bank_size", "0"]
         run = _launch(args, tmp_path, port, processes=processes)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         history = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["history"]

@@ -21,7 +21,7 @@ def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_exact(tmp_path):
     """N steps + stop + resume + N steps == 2N uninterrupted steps: weights, optimizer, bank, schedule, history."""
-    common = [*SMALL, "--max_steps", "4", "--save_every", "4", "--progressive_schedule", "true",
+    common = [*SMALL, "--max_steps", "4", "--save_steps", "4", "--progressive_schedule", "true",
               "--schedule_stable_steps", "1", "--schedule_ramp_end_step", "4", "--output_dir", str(tmp_path / "runs")]
     straight = _launch([*common, "--run_name", "straight"], tmp_path, 29651)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -30,7 +30,7 @@ def test_resume_is_exact(tmp_path):
     assert "stopped at step 2 of 4" in first.stdout + first.stderr
     split = tmp_path / "runs" / "split"
     assert (split / "checkpoints" / "step_0000002").is_dir() and not (split / "metrics.json").exists()
-    second = _launch([*common, "--run_name", "split", "--resume_from", "latest"], tmp_path, 29653)
+    second = _launch([*common, "--run_name", "split", "--resume_from_checkpoint", "latest"], tmp_path, 29653)
     assert second.returncode == 0, second.stderr[-3000:]
 
     a = tmp_path / "runs" / "straight" / "checkpoints" / "step_0000004"
@@ -79,14 +79,14 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 def test_kill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     """SIGKILL of the main process halfway through the 2nd save; --resume_from latest picks the 1st and finishes."""
-    out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "killed", "--save_every", "1"]
+    out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "killed", "--save_steps", "1"]
     killed = _launch(["kill", *SMALL, *out, "--max_steps", "3"], tmp_path, 29656, script=FAULTS)
     assert killed.returncode != 0
     ckpts = tmp_path / "runs" / "killed" / "checkpoints"
     assert (ckpts / "step_0000001" / "checkpoint_complete.json").exists()
     half = ckpts / "step_0000002.tmp"
     assert half.is_dir() and not (half / "checkpoint_complete.json").exists() and not (ckpts / "step_0000002").exists()
-    resumed = _launch([*SMALL, *out, "--max_steps", "3", "--resume_from", "latest"], tmp_path, 29657)
+    resumed = _launch([*SMALL, *out, "--max_steps", "3", "--resume_from_checkpoint", "latest"], tmp_path, 29657)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "at step 1" in resumed.stdout + resumed.stderr
     assert json.loads((tmp_path / "runs" / "killed" / "metrics.json").read_text())["steps"] == 3

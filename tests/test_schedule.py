@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vla_energy.schedule import ProgressiveSchedule
+from vla_energy.training.schedule import ProgressiveSchedule
 
 
 @pytest.mark.parametrize(

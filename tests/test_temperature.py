@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from vla_energy.losses import infonce_loss
-from vla_energy.temperature import (
+from vla_energy.losses.infonce import infonce_loss
+from vla_energy.losses.temperature import (
     AdaptiveTemperature,
     FixedTemperature,
     LearnableTemperature,

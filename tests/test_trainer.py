@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from vla_energy.trainer import PLUGIN_STATE, EnergyTrainer, EnergyVLAModel
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.training.trainer import PLUGIN_STATE, EnergyTrainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -76,7 +77,7 @@ def test_energy_weight_exact_two_processes(tmp_path):
 
 
 def test_progressive_schedule_callback_scales_energy_group(tmp_path):
-    from vla_energy.schedule import ProgressiveSchedule
+    from vla_energy.training.schedule import ProgressiveSchedule
 
     train_ds, loaded, backbone, plugin, collator = trainer_check.build(str(tmp_path / "cache"))
     schedule = ProgressiveSchedule(stable_steps=1, ramp_end_step=3, start_lr_scale=0.1, end_lr_scale=0.5,

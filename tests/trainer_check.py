@@ -16,13 +16,14 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback, TrainingArguments
 
-from vla_energy.backbone import backbone_inputs, hidden_size_of
+from vla_energy.backbones.loading import load_backbone
+from vla_energy.backbones.lora import LoraArguments, apply_lora
+from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
-from vla_energy.lora import LoraArguments, apply_lora
-from vla_energy.losses import inbatch_infonce_loss
-from vla_energy.models import load_backbone
-from vla_energy.plugin import EnergyArguments, EnergyPlugin
-from vla_energy.trainer import EnergyTrainer, EnergyVLAModel
+from vla_energy.losses.infonce import inbatch_infonce_loss
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.training.trainer import EnergyTrainer
 
 WEIGHT = 0.7
 B = 3

@@ -1,15 +1,20 @@
 """Data pipeline: loading (LeRobot v3, HF datasets, synthetic), action chunks, normalization, collation."""
 
-from .chunking import add_action_chunks, chunk_indices
-from .collator import VLACollator, to_pil_image
-from .config import DATASET_FORMATS, NORMALIZATIONS, DataConfig
-from .lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info, read_lerobot_tasks
-from .loading import FRAME_COLUMNS, load_frames, standardize_frames, tile_images
-from .normalization import NORM_STATS_NAME, NormStats, compute_norm_stats
-from .pipeline import build_datasets
-from .split import split_episodes, split_rows
-from .synthetic import SYNTHETIC_ACTION_NAMES, default_cache_dir, make_synthetic_dataset, render_scene
-from .video import video_decoder_available
+from vla_energy.data.arguments import DATASET_FORMATS, NORMALIZATIONS, DataConfig
+from vla_energy.data.chunking import add_action_chunks, chunk_indices
+from vla_energy.data.collator import VLACollator, to_pil_image
+from vla_energy.data.lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info, read_lerobot_tasks
+from vla_energy.data.loading import FRAME_COLUMNS, load_frames, standardize_frames, tile_images
+from vla_energy.data.normalization import NORM_STATS_NAME, NormStats, compute_norm_stats
+from vla_energy.data.pipeline import build_datasets
+from vla_energy.data.split import split_episodes, split_rows
+from vla_energy.data.synthetic import (
+    SYNTHETIC_ACTION_NAMES,
+    default_cache_dir,
+    make_synthetic_dataset,
+    render_scene,
+)
+from vla_energy.data.video import video_decoder_available
 
 __all__ = [
     "DataConfig",

@@ -7,8 +7,8 @@ from typing import Optional
 import numpy as np
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 
-from .columns import read_column, read_vectors
-from .normalization import NormStats
+from vla_energy.data.columns import read_column, read_vectors
+from vla_energy.data.normalization import NormStats
 
 __all__ = ["chunk_indices", "add_action_chunks", "CHUNK_FEATURES"]
 

@@ -54,7 +54,7 @@ class VLACollator:
         if not token:
             raise ValueError(
                 "action_token is None and the processor has no `action_token`: pass the placeholder token "
-                "added to the tokenizer (e.g. '<|action|>', see vla_energy.backbone.add_action_token)"
+                "added to the tokenizer (e.g. '<|action|>', see vla_energy.backbones.action_token.add_action_token)"
             )
         self.processor = processor
         self.horizon = horizon

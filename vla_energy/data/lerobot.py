@@ -18,8 +18,8 @@ from datasets import Dataset, Image
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from .columns import read_column
-from .video import decode_video_frames, require_video_decoder
+from vla_energy.data.columns import read_column
+from vla_energy.data.video import decode_video_frames, require_video_decoder
 
 __all__ = ["is_lerobot_dataset", "read_lerobot_info", "lerobot_image_features", "read_lerobot_tasks",
            "load_lerobot_v3"]

@@ -13,10 +13,10 @@ import datasets
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
-from .columns import require_columns
-from .config import DataConfig
-from .lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info
-from .synthetic import make_synthetic_dataset
+from vla_energy.data.arguments import DataConfig
+from vla_energy.data.columns import require_columns
+from vla_energy.data.lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info
+from vla_energy.data.synthetic import make_synthetic_dataset
 
 __all__ = ["FRAME_COLUMNS", "load_frames", "load_source", "standardize_frames", "tile_images", "detect_format"]
 

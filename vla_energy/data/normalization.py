@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import NORMALIZATIONS
+from vla_energy.data.arguments import NORMALIZATIONS
 
 __all__ = ["NormStats", "NORM_STATS_NAME", "compute_norm_stats"]
 

@@ -9,12 +9,12 @@ import datasets
 import numpy as np
 from datasets import Dataset
 
-from .chunking import add_action_chunks
-from .columns import iter_vector_batches
-from .config import DataConfig
-from .loading import load_frames
-from .normalization import NormStats, compute_norm_stats
-from .split import split_rows
+from vla_energy.data.arguments import DataConfig
+from vla_energy.data.chunking import add_action_chunks
+from vla_energy.data.columns import iter_vector_batches
+from vla_energy.data.loading import load_frames
+from vla_energy.data.normalization import NormStats, compute_norm_stats
+from vla_energy.data.split import split_rows
 
 __all__ = ["build_datasets"]
 

@@ -1,0 +1,1 @@
+"""Backbones: loading (AutoProcessor / AutoModel*), hidden-state readout, the action token, LoRA, parameter groups."""

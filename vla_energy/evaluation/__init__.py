@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, reports and plots, the `vla-energy` command line."""

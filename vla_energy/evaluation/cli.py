@@ -1,0 +1,126 @@
+"""The `vla-energy` command: `train` (the training recipe) and `evaluate` (a trained run on a dataset split)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["main", "evaluate_run"]
+
+
+def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str | Path] = None,
+                 max_samples: int = 256, device: str = "cpu", progress: bool = True,
+                 trust_remote_code: bool = False) -> dict[str, float]:
+    """Per-negative-type accuracy, energy gaps and L1 of policy / rerank / refine; writes metrics, report, PNGs."""
+    from torch.utils.data import DataLoader
+
+    from vla_energy.data import VLACollator, build_datasets
+    from vla_energy.evaluation.metrics import collect_eval_outputs, metrics_by_negative_type, spread_indices
+    from vla_energy.evaluation.report import plot_energy_histograms, write_metrics, write_report
+    from vla_energy.inference.serialization import load_policy
+    from vla_energy.training.arguments import load_run_config
+
+    run_dir = Path(run_dir)
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}, expected 'train' or 'val'")
+    _, data_cfg, _, energy_args, train = load_run_config(run_dir)
+    policy = load_policy(run_dir, device=device, trust_remote_code=trust_remote_code)
+    train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
+    ds = val_ds if split == "val" else train_ds
+    ds = ds.select(spread_indices(len(ds), max_samples))
+    collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"])
+    loader = DataLoader(ds, batch_size=32, collate_fn=collator)
+    batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+    result = collect_eval_outputs(policy.backbone, policy.plugin, batches, progress=progress)
+    metrics, energies = metrics_by_negative_type(
+        policy.plugin.energy_head, result, tuple(energy_args.noise_sigmas), train.eval_num_negatives,
+        seed=data_cfg.data_seed)
+    out = Path(out_dir) if out_dir else run_dir / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(out / "metrics.json", metrics)
+    groups = {k: v.flatten().tolist() for k, v in energies.items()}
+    plot_energy_histograms(out / "energy_by_type.png", groups, f"energies on {split}: positive vs each type")
+    _bar(out / "accuracy_by_type.png", {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")},
+         "top-1 accuracy of the true chunk per negative type", metrics["chance_acc"])
+    _bar(out / "action_l1.png", {k[10:]: v for k, v in metrics.items() if k.startswith("action_l1/")},
+         "action L1 (normalized units)")
+    write_report(out / "report.md", f"Evaluation of `{run_dir.name}` on {split} ({len(ds)} samples)", metrics,
+                 ["energy_by_type.png", "accuracy_by_type.png", "action_l1.png"])
+    return metrics
+
+
+def _bar(path: Path, values: dict[str, float], title: str, chance: Optional[float] = None) -> None:
+    from vla_energy.evaluation.report import plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(values), list(values.values()))
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=1, label="chance (31 others)")
+        ax.legend()
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_command(argv: list[str]) -> int:
+    """`vla-energy train [--num_processes N | --accelerate_config FILE] OPTIONS`: the training recipe.
+
+    Without launcher options it trains in this process; with them it re-launches through `accelerate launch -m
+    vla_energy.training.train`, as `trl sft` does.
+    """
+    launcher = argparse.ArgumentParser(prog="vla-energy train", add_help=False)
+    launcher.add_argument("--num_processes", type=int, default=None)
+    launcher.add_argument("--accelerate_config", default=None)
+    launcher.add_argument("--main_process_port", type=int, default=None)
+    known, rest = launcher.parse_known_args(argv)
+    if known.num_processes is None and known.accelerate_config is None:
+        from vla_energy.training.train import main as train_main
+
+        train_main(rest)
+        return 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if known.accelerate_config is not None:
+        cmd += ["--config_file", known.accelerate_config]
+    if known.num_processes is not None:
+        if known.num_processes < 1:
+            raise SystemExit(f"--num_processes {known.num_processes}: expected >= 1")
+        # `--multi_gpu` also starts several gloo processes on a machine without GPUs.
+        cmd += (["--multi_gpu"] if known.num_processes > 1 else []) + ["--num_processes", str(known.num_processes)]
+    if known.main_process_port is not None:
+        cmd += ["--main_process_port", str(known.main_process_port)]
+    cmd += ["-m", "vla_energy.training.train", *rest]
+    return subprocess.call(cmd)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return train_command(argv[1:])
+    parser = argparse.ArgumentParser(prog="vla-energy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", add_help=False,
+                   help="train (options: vla-energy train --help; --num_processes N or --accelerate_config FILE "
+                        "launch several processes)")
+    ev = sub.add_parser("evaluate", help="evaluate a run directory written by the training recipe")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="val", choices=["train", "val"])
+    ev.add_argument("--out_dir", default=None)
+    ev.add_argument("--max_samples", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--trust_remote_code", action="store_true")
+    ev.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    metrics = evaluate_run(args.run_dir, args.split, args.out_dir, args.max_samples, args.device,
+                           not args.disable_tqdm, args.trust_remote_code)
+    for key, value in metrics.items():
+        print(f"{key:28s} {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: EnergyPolicy (save / load, predict), candidate proposal, rerank and refine."""

@@ -1,0 +1,113 @@
+"""Candidate chunks from the policy, reranking them by energy, refining them by descending the energy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vla_energy.checks import check_tensor
+
+__all__ = ["RerankResult", "rerank", "propose_candidates", "refine", "PREDICT_MODES"]
+
+PREDICT_MODES = ("policy", "rerank", "refine")
+
+
+@dataclass
+class RerankResult:
+    """The lowest-energy candidate per sample, its index and all candidates' energies."""
+
+    best: Tensor  # [B,H,Da]
+    index: Tensor  # [B]
+    energies: Tensor  # [B,K]
+
+
+@torch.no_grad()
+def rerank(
+    head: nn.Module,
+    context: Tensor,
+    candidates: Tensor,
+    context_mask: Optional[Tensor] = None,
+    action_mask: Optional[Tensor] = None,
+) -> RerankResult:
+    """Score K candidates per sample [B,K,H,Da] in one pass and keep the lowest-energy one."""
+    check_tensor("candidates", candidates, ("B", "K", "H", "Da"), B=context.shape[0])
+    energies = head(context, candidates, context_mask=context_mask, action_mask=action_mask)
+    index = energies.argmin(dim=1)
+    best = candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
+    return RerankResult(best=best, index=index, energies=energies)
+
+
+def propose_candidates(
+    policy: Tensor,
+    layer_actions: Optional[Sequence[Tensor]] = None,
+    num_samples: int = 16,
+    sigma: float = 0.1,
+    low: float = -1.0,
+    high: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, list[str]]:
+    """Candidates [B,K,H,Da]: the policy chunk, its layer-wise predictions, Gaussian perturbations; in bounds."""
+    check_tensor("policy", policy, ("B", "H", "Da"))
+    if low > high:
+        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+    if sigma < 0 or num_samples < 0:
+        raise ValueError(f"sigma={sigma} and num_samples={num_samples} must be >= 0")
+    cands, types = [policy], ["policy"]
+    # `or []` would call bool() on a stacked [L,B,H,Da] tensor, which raises.
+    for i, layer in enumerate([] if layer_actions is None else layer_actions):
+        check_tensor(f"layer_actions[{i}]", layer, ("B", "H", "Da"), B=policy.shape[0], H=policy.shape[1],
+                     Da=policy.shape[2])
+        cands.append(layer)
+        types.append(f"layer{i}")
+    for k in range(num_samples):
+        noise = torch.randn(policy.shape, generator=generator, device=policy.device, dtype=policy.dtype)
+        cands.append(policy + sigma * noise)
+        types.append(f"perturb{k}")
+    return torch.stack(cands, dim=1).clamp(low, high), types
+
+
+def refine(
+    head: nn.Module,
+    context: Tensor,
+    actions: Tensor,
+    steps: int = 10,
+    step_size: float = 0.05,
+    context_mask: Optional[Tensor] = None,
+    action_mask: Optional[Tensor] = None,
+    max_step: float = 0.1,
+    low: float = -1.0,
+    high: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Gradient descent on E(context, a) w.r.t. a [B,H,Da]; per-step clipped and kept in [low, high].
+
+    A step that would raise a sample's energy is rejected and that sample's step size halves, so the energy
+    never increases. No parameter gradients are created. Returns (refined actions, energies [steps+1, B]).
+    """
+    check_tensor("actions", actions, ("B", "H", "Da"), B=context.shape[0])
+    if low > high:
+        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+    if steps < 0 or step_size <= 0 or max_step <= 0:
+        raise ValueError(f"steps={steps}, step_size={step_size}, max_step={max_step}: need >= 0, > 0, > 0")
+    a = actions.detach().clamp(low, high).clone()
+    lr = torch.full((a.shape[0], 1, 1), float(step_size), device=a.device, dtype=a.dtype)
+    with torch.no_grad():
+        energy = head(context, a, context_mask=context_mask, action_mask=action_mask)
+    trace = [energy]
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = a.clone().requires_grad_(True)
+            e = head(context, x, context_mask=context_mask, action_mask=action_mask)
+            (grad,) = torch.autograd.grad(e.sum(), x)
+        proposal = (a - (lr * grad).clamp(-max_step, max_step)).clamp(low, high)
+        with torch.no_grad():
+            new_energy = head(context, proposal, context_mask=context_mask, action_mask=action_mask)
+        better = new_energy <= energy
+        a = torch.where(better[:, None, None], proposal, a)
+        energy = torch.where(better, new_energy, energy)
+        lr = torch.where(better[:, None, None], lr, lr * 0.5)
+        trace.append(energy)
+    return a, torch.stack(trace)

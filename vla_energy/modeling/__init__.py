@@ -1,0 +1,7 @@
+"""Models users save and load: the energy head and its config, the action head, the backbone+heads model."""
+
+from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
+from vla_energy.modeling.configuration_energy_head import EnergyHeadConfig
+from vla_energy.modeling.modeling_energy_head import EnergyHead
+
+__all__ = ["EnergyHead", "EnergyHeadConfig", "ActionHead", "ActionHeadConfig"]

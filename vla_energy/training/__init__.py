@@ -1,0 +1,1 @@
+"""Training: the plugin, arguments, schedule, checkpoints, the Trainer integration and the training loop."""

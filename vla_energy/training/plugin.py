@@ -1,0 +1,192 @@
+"""EnergyPlugin: action head + energy head + negatives + strategy; the one object a training loop talks to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from vla_energy.backbones.readout import BackboneReadout, read_backbone
+from vla_energy.losses.bank import ActionBank
+from vla_energy.losses.negatives import build_negatives
+from vla_energy.losses.policy_l1 import masked_l1
+from vla_energy.losses.strategy import StrategyPlan, plan_strategy, strategy_loss
+from vla_energy.losses.temperature import make_temperature
+from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
+from vla_energy.modeling.modeling_energy_head import EnergyHead, EnergyHeadConfig
+from vla_energy.training.arguments import EnergyArguments
+
+__all__ = ["EnergyPlugin"]
+
+
+class EnergyPlugin:
+    """Holds the action head and energy head (modules for accelerator.prepare) and computes the total loss."""
+
+    def __init__(
+        self,
+        args: EnergyArguments,
+        hidden_size: int,
+        action_dim: int,
+        horizon: int,
+        action_token_id: int,
+        action_head: Optional[ActionHead] = None,
+        energy_head: Optional[EnergyHead] = None,
+    ) -> None:
+        self.args = args
+        self.horizon = int(horizon)
+        self.action_dim = int(action_dim)
+        self.action_token_id = int(action_token_id)
+        self.action_head: nn.Module = action_head if action_head is not None else ActionHead(
+            ActionHeadConfig(hidden_size=hidden_size, action_dim=action_dim, horizon=horizon,
+                             mlp_dim=args.action_head_dim)
+        )
+        self.energy_head: nn.Module = energy_head if energy_head is not None else EnergyHead(
+            EnergyHeadConfig(
+                context_dim=hidden_size, action_dim=action_dim, horizon=horizon, hidden_dim=args.energy_hidden_dim,
+                num_heads=args.energy_num_heads, num_layers=args.energy_num_layers, dropout=args.energy_dropout,
+                energy_activation=args.energy_activation, energy_input_scale=args.energy_input_scale,
+                energy_scale=args.energy_scale, energy_offset=args.energy_offset,
+            )
+        )
+        self.temperature: nn.Module = make_temperature(args.temperature, args.tau)
+        self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
+        self.plan: Optional[StrategyPlan] = None
+        self.generator: Optional[torch.Generator] = None
+        self.process_index = 0
+        self.draws = 0  # energy_loss calls so far: with the process index it seeds that call's negatives
+
+    @classmethod
+    def from_pretrained_heads(cls, args: EnergyArguments, action_head: ActionHead, energy_head: EnergyHead,
+                              action_token_id: int) -> EnergyPlugin:
+        """A plugin around already trained heads (loading a run directory)."""
+        cfg = energy_head.config
+        return cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id, action_head, energy_head)
+
+    def setup(self, accelerator: Accelerator, local_batch: int) -> StrategyPlan:
+        """Fix the strategy from the configured layout (never from a smaller last batch) and the RNG per process."""
+        self.plan = plan_strategy(self.args.strategy, accelerator.num_processes, local_batch)
+        self.generator = torch.Generator(device=accelerator.device)
+        self.process_index = accelerator.process_index
+        self.temperature.to(accelerator.device)
+        if self.bank is not None:
+            self.bank.to(accelerator.device)
+        return self.plan
+
+    def energy_modules(self) -> list[nn.Module]:
+        """Modules trained at the energy learning rate (the head, and a learnable temperature)."""
+        learnable = any(p.requires_grad for p in self.temperature.parameters())
+        return [self.energy_head, self.temperature] if learnable else [self.energy_head]
+
+    def read(self, outputs: Any, batch: Mapping[str, Tensor]) -> BackboneReadout:
+        """Context and placeholder hidden states from a backbone output (with hidden_states)."""
+        hidden = getattr(outputs, "hidden_states", None) if not isinstance(outputs, (tuple, list)) else outputs
+        return read_backbone(
+            hidden, batch["input_ids"], batch.get("attention_mask"), self.action_token_id, self.horizon,
+            context_layer=self.args.context_layer, detach_context=self.args.detach_context,
+            include_placeholders=self.args.context_includes_placeholders,
+        )
+
+    def predict_actions(self, readout: BackboneReadout) -> tuple[Tensor, list[Tensor]]:
+        """Policy chunk (last layer, with grad) and the detached layer-wise predictions of layers 1..L."""
+        preds = self.action_head(readout.action_hidden)  # [L,B,H,Da] in one call
+        return preds[-1], [p.detach() for p in preds]
+
+    def compute_loss(
+        self, outputs: Any, batch: Mapping[str, Tensor], accelerator: Accelerator
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Total loss = l1_weight * L1(policy, actions) + energy_weight * energy InfoNCE; plus flat metrics."""
+        if self.plan is None:
+            raise RuntimeError("call plugin.setup(accelerator, local_batch) before compute_loss")
+        readout = self.read(outputs, batch)
+        actions = batch["actions"]
+        action_mask = batch.get("action_mask")
+        if actions.dim() != 3 or tuple(actions.shape[1:]) != (self.horizon, self.action_dim):
+            raise ValueError(
+                f"actions has shape {tuple(actions.shape)}, expected (B, H={self.horizon}, Da={self.action_dim})"
+            )
+        policy, layer_actions = self.predict_actions(readout)
+        l1 = masked_l1(policy, actions, action_mask, accelerator)
+        energy_loss, stats = self.energy_loss(readout, actions, action_mask, batch.get("sample_id"),
+                                              layer_actions, accelerator)
+        total = self.args.l1_loss_weight * l1 + self.args.energy_loss_weight * energy_loss
+        metrics = {"loss": float(total.detach()), "l1": float(l1.detach()), "energy_loss": float(energy_loss.detach())}
+        metrics.update({f"energy/{k}": v for k, v in stats.items()})
+        return total, metrics
+
+    def energy_loss(
+        self,
+        readout: BackboneReadout,
+        actions: Tensor,
+        action_mask: Optional[Tensor],
+        sample_ids: Optional[Tensor],
+        layer_actions: Optional[list[Tensor]],
+        accelerator: Accelerator,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Energy InfoNCE with the planned strategy; users with their own context/layer_actions call this."""
+        head, ctx, cmask = self.energy_head, readout.context, readout.context_mask
+        negatives = None
+        self.draws += 1
+        if self.plan.explicit:
+            # Reseeded from (seed, rank, call) rather than carried along: the main process saves the checkpoint,
+            # and one saved generator state would give every rank rank 0's stream after a resume.
+            seed = np.random.SeedSequence([self.args.negatives_seed, self.process_index, self.draws])
+            self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+
+            def energy_fn(chunk: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return head(ctx, chunk, context_mask=cmask, action_mask=action_mask)
+
+            negatives = build_negatives(
+                actions,
+                layer_actions if self.args.layer_negatives != "none" else None,
+                num_negatives=self.args.num_negatives,
+                layer_mode=self.args.layer_negatives,
+                noise_sigmas=tuple(self.args.noise_sigmas),
+                shuffle=self.args.shuffle_negative,
+                energy_fn=energy_fn if self.args.layer_negatives == "mid_energy" else None,
+                false_negative_eps=self.args.false_negative_eps,
+                action_mask=action_mask,
+                generator=self.generator,
+            )
+        return strategy_loss(
+            self.plan, head, ctx, actions, accelerator,
+            context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
+            action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
+        )
+
+    def after_optimizer_step(self) -> None:
+        """Enqueue this step's gathered actions into the bank (identical on every rank)."""
+        if self.bank is not None:
+            self.bank.commit()
+
+    def skip_step(self) -> None:
+        """Forget what this step staged (a skipped, non-finite step)."""
+        if self.bank is not None:
+            self.bank.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bank, temperature and the count of negatives draws (it seeds their RNG): what checkpoints save."""
+        state: dict[str, Any] = {"temperature": self.temperature.state_dict()}
+        if self.bank is not None:
+            state["bank"] = self.bank.state_dict()
+        state["draws"] = self.draws
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what state_dict saved."""
+        self.temperature.load_state_dict(state.get("temperature", {}))  # empty when it has no state
+        if self.bank is not None:
+            if "bank" not in state:
+                raise ValueError("checkpoint has no action bank state but bank_size > 0")
+            self.bank.load_state_dict(state["bank"])
+        self.draws = int(state.get("draws", 0))
+
+    def config_dict(self) -> dict[str, Any]:
+        """The plugin's settings as JSON-able values (saved beside the heads)."""
+        return {"args": asdict(self.args), "horizon": self.horizon, "action_dim": self.action_dim,
+                "action_token_id": self.action_token_id}
