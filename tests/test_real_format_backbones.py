@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from vla_energy.backbone import add_action_token
 from vla_energy.tiny_checkpoints import TINY_FAMILIES, build_tiny_checkpoint, ensure_tiny_checkpoint
@@ -124,9 +125,18 @@ def test_paligemma_template_has_image_token_so_no_warning(built: dict[str, Path]
     processor = AutoProcessor.from_pretrained(built["paligemma"])
     prompt = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert prompt == "<image>pick up the red block"
-    with caplog.at_level("WARNING"):
-        inputs = processor(text=[prompt], images=[image()], return_tensors="pt")
-    assert "<image>" not in caplog.text
+    warned = []
+    for text in ([prompt], ["pick up the red block"]):  # the second, without <image>, shows the check sees the warning
+        caplog.clear()
+        hf_logging.enable_propagation()  # transformers' loggers do not propagate to caplog's root handler by default
+        try:
+            with caplog.at_level("WARNING"):
+                inputs = processor(text=text, images=[image()], return_tensors="pt")
+        finally:
+            hf_logging.disable_propagation()
+        warned.append("`<image>` tokens" in caplog.text)
+    assert warned == [False, True]
+    inputs = processor(text=[prompt], images=[image()], return_tensors="pt")
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     assert tokens[:17] == ["<image>"] * 16 + ["<bos>"] and tokens[-1] == "\n"
 

@@ -322,8 +322,9 @@ def build_tiny_checkpoint(family: str, path: Union[str, Path], *, seed: int = 0,
         raise ValueError(f"hidden_size={hidden_size}, expected a multiple of 8 (4 heads, even rotary halves)")
     path = Path(path)
     processor = _PROCESSORS[family](image_size)
-    torch.manual_seed(seed)
-    model = _MODELS[family](processor, hidden_size, num_hidden_layers, image_size).eval()
+    with torch.random.fork_rng(devices=[]):  # seed the weights without resetting the caller's RNG
+        torch.manual_seed(seed)
+        model = _MODELS[family](processor, hidden_size, num_hidden_layers, image_size).eval()
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -365,7 +366,7 @@ def ensure_tiny_checkpoint(family: str, cache_dir: Optional[Union[str, Path]] = 
         except OSError:
             # Another process renamed its complete build into place first (rename onto a non-empty dir fails).
             if not (final / _COMPLETE).is_file():
-                raise
+                raise RuntimeError(f"{final} exists but is not a complete tiny checkpoint; delete it") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
