@@ -118,7 +118,7 @@ def _idefics3_processor(image_size: int) -> Any:
     tokenizer = _gpt2_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], added,
                                 bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
                                 unk_token="<|endoftext|>")
-    # do_image_splitting=True (a user's choice) cuts an image into at most 2 x 2 tiles of image_size plus the global one.
+    # do_image_splitting=True (a user's choice) cuts an image into at most 2 x 2 tiles plus the global image.
     image_processor = Idefics3ImageProcessorPil(
         do_resize=True, size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
         do_image_splitting=False, do_pad=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -129,7 +129,7 @@ def _idefics3_processor(image_size: int) -> Any:
 
 
 def _paligemma_processor(image_size: int) -> Any:
-    """GemmaTokenizer (character BPE with byte fallback), SigLIP image processor, a template giving "<image>" + prompt."""
+    """GemmaTokenizer (character BPE, byte fallback), SigLIP image processor, a "<image>" + prompt template."""
     from transformers import GemmaTokenizer, PaliGemmaProcessor
     from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -149,7 +149,7 @@ def _paligemma_processor(image_size: int) -> Any:
 
 
 def _llava_processor(image_size: int) -> Any:
-    """llava-hf style: LlamaTokenizer (character BPE, byte fallback, <image> and <pad> appended), CLIP image processor."""
+    """llava-hf style: LlamaTokenizer (character BPE, byte fallback, <image>, <pad>), CLIP image processor."""
     from transformers import LlamaTokenizer, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -174,6 +174,7 @@ class _ProcessorParts:
     chat_template: str
 
     def save_pretrained(self, path: Path) -> None:
+        """Tokenizer files, preprocessor_config.json and chat_template.jinja, as on the hub."""
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         (Path(path) / "chat_template.jinja").write_text(self.chat_template)
@@ -206,6 +207,7 @@ def _llama_config(tokenizer: Any, hidden_size: int, num_hidden_layers: int) -> A
 
 
 def _idefics3_model(processor: Any, hidden_size: int, num_hidden_layers: int, image_size: int) -> Any:
+    """Idefics3 (SigLIP-like vision, pixel shuffle 2, Llama text)."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
 
     tok = processor.tokenizer
@@ -217,7 +219,13 @@ def _idefics3_model(processor: Any, hidden_size: int, num_hidden_layers: int, im
 
 
 def _paligemma_model(processor: Any, hidden_size: int, num_hidden_layers: int, image_size: int) -> Any:
-    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+    """PaliGemma (SigLIP vision, Gemma text)."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     tok = processor.tokenizer
     vision = SiglipVisionConfig(num_hidden_layers=1, image_size=image_size, patch_size=_PATCH, **_VISION)
@@ -232,6 +240,7 @@ def _paligemma_model(processor: Any, hidden_size: int, num_hidden_layers: int, i
 
 
 def _llava_model(processor: Any, hidden_size: int, num_hidden_layers: int, image_size: int) -> Any:
+    """LLaVA (CLIP vision, Llama text), configured like llava-hf checkpoints."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
@@ -253,6 +262,7 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def _qwen_text_kwargs(tok: Any, hidden_size: int, num_hidden_layers: int) -> dict[str, Any]:
+    """Text-config arguments shared by the Qwen families."""
     heads = 4
     return dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                 num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -263,6 +273,7 @@ def _qwen_text_kwargs(tok: Any, hidden_size: int, num_hidden_layers: int) -> dic
 
 
 def _qwen_ids(tok: Any) -> dict[str, int]:
+    """The vision special-token ids a Qwen VL config needs."""
     return {"image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
             "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
             "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -270,6 +281,7 @@ def _qwen_ids(tok: Any) -> dict[str, int]:
 
 
 def _qwen2_vl_model(processor: Any, hidden_size: int, num_hidden_layers: int, image_size: int) -> Any:
+    """Qwen2-VL (patch 8, merge 2, M-RoPE text)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
@@ -281,6 +293,7 @@ def _qwen2_vl_model(processor: Any, hidden_size: int, num_hidden_layers: int, im
 
 
 def _qwen2_5_vl_model(processor: Any, hidden_size: int, num_hidden_layers: int, image_size: int) -> Any:
+    """Qwen2.5-VL (windowed + full-attention vision blocks, M-RoPE text)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
         Qwen2_5_VLTextConfig,
@@ -307,6 +320,7 @@ _MODELS: dict[str, Callable[..., Any]] = {
 
 
 def _check(family: str, image_size: int) -> None:
+    """Reject an unknown family or an image size the patch geometry cannot tile."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"family={family!r}, expected one of {TINY_FAMILIES}")
     if image_size <= 0 or image_size % (2 * _PATCH):
@@ -358,6 +372,7 @@ def ensure_tiny_checkpoint(family: str, cache_dir: Optional[Union[str, Path]] = 
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like a hub cache
     try:
         build_tiny_checkpoint(family, tmp, **kwargs)
         (tmp / _COMPLETE).write_text(json.dumps(_arguments(family, kwargs), sort_keys=True) + "\n")
