@@ -1,9 +1,9 @@
 """Explicit negatives that do not depend on the batch size: layer-wise predictions, noise, a temporal shuffle.
 
-Seed 002 builds, in this order, layers [0, L//3, L//2, -2] of the policy's layer-wise action predictions, ground
-truth + N(0, sigma^2) for sigma in (0.1, 0.2, 0.4), one temporal shuffle of the chunk, then more noise with
-sigma = 0.3 + 0.1 * k (k = number of negatives so far) until M, and keeps the first M. Seed 000 instead takes
-one layer: the one of middle mean energy among all but the final layer.
+The default (layer mode "fixed") builds, in this order, layers [0, L//3, L//2, -2] of the policy's layer-wise
+action predictions, ground truth + N(0, sigma^2) for sigma in (0.1, 0.2, 0.4), one temporal shuffle of the chunk,
+then more noise with sigma = 0.3 + 0.1 * k (k = number of negatives so far) until M, and keeps the first M. Layer
+mode "mid_energy" instead takes one layer: the one of middle mean energy among all but the final layer.
 
 Padded steps (action_mask False) are perturbed and shuffled like real ones; the false-negative distance counts
 only real steps, so padding never makes a negative look far from its positive.
@@ -68,7 +68,7 @@ def _check_layers(layer_actions: Sequence[Tensor], actions: Tensor) -> list[Tens
 
 
 def fixed_layer_indices(num_layers: int) -> list[int]:
-    """Seed 002's layers [0, L//3, L//2, -2] as non-negative indices, deduplicated, never the final layer.
+    """The layers [0, L//3, L//2, -2] as non-negative indices, deduplicated, never the final layer.
 
     The final layer is the policy's own prediction, so it is left out: L=1 gives no layer, L=2 gives [0],
     L=3 gives [0, 1], L=32 gives [0, 10, 16, 30].
@@ -90,7 +90,7 @@ def select_layer_negatives(
 ) -> tuple[list[Tensor], list[str]]:
     """Layer predictions used as negatives and their tags "layer{i}"; the final layer is never one of them.
 
-    mode "fixed": seed 002's fixed_layer_indices. "mid_energy": seed 000, score every layer but the last with
+    mode "fixed": fixed_layer_indices. "mid_energy": score every layer but the last with
     energy_fn ([B,H,Da] -> [B], without gradient), sort by mean energy and take the middle one. "none": nothing.
     """
     if mode not in LAYER_MODES:
@@ -195,7 +195,7 @@ def build_negatives(
     """M = num_negatives negatives per positive: layers, then noise, then a shuffle, then fill noise; the first M.
 
     actions [B,H,Da] is the ground truth; layer_actions the policy's L layer-wise predictions, each [B,H,Da]
-    (None: no layer negatives). Fill slot k (k = negatives so far) has sigma 0.3 + 0.1 * k, as in seed 002.
+    (None: no layer negatives). Fill slot k (k = negatives so far) has sigma 0.3 + 0.1 * k.
     Pass a seeded `generator` (on actions' device) for reproducible noise and shuffles.
     """
     check_tensor("actions", actions, ("B", "H", "Da"))
@@ -217,7 +217,7 @@ def build_negatives(
     if layer_actions is not None:
         layers = _check_layers(layer_actions, actions)
         negs, types = select_layer_negatives(layers, layer_mode, energy_fn)
-    # Candidates past M would be cut off (seed 002 keeps the first M): they are not drawn at all.
+    # Candidates past M would be cut off (only the first M are kept): they are not drawn at all.
     for sigma in sigmas:
         if len(negs) >= num_negatives:
             break

@@ -1,4 +1,4 @@
-"""Which negatives a step uses: the seed's strategies, each with one name, resolved once per run."""
+"""Which negatives a step uses: five named strategies, each resolved once per run."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class StrategyPlan:
 def plan_strategy(name: str, world_size: int, local_batch: int) -> StrategyPlan:
     """Resolve a strategy name for a run's layout (the configured local batch, never a smaller last batch).
 
-    inbatch: per-process in-batch only (the seed's failing baseline); global: all processes' chunks (+ bank if
-    configured); layer: explicit negatives only (seed 002 option 2); hybrid: seed 002 option 3 (world 1 ->
+    inbatch: per-process in-batch only (b - 1 negatives per positive); global: all processes' chunks (+ bank if
+    configured); layer: explicit negatives only (independent of the batch size); hybrid: by layout (world 1 ->
     in-batch, world > 1 and local batch >= 6 -> global, otherwise layer); combined: global + explicit + bank.
     """
     if name not in STRATEGIES:

@@ -1,4 +1,4 @@
-"""InfoNCE temperatures with one call shape: fixed, adaptive (seed 000 energy-gap rule) and learnable (CLIP-style).
+"""InfoNCE temperatures with one call shape: fixed, adaptive (energy-gap rule) and learnable (CLIP-style).
 
 Every temperature is an `nn.Module` called as `tau = temp(e_pos, e_neg, neg_mask=None)`: e_pos [B] are the
 positives' energies, e_neg the negatives' energies (any shape) and neg_mask an optional boolean tensor of e_neg's
@@ -58,7 +58,7 @@ class Temperature(nn.Module):
 
 
 class FixedTemperature(Temperature):
-    """A constant tau (seed 000: 0.3)."""
+    """A constant tau (default 0.3)."""
 
     def __init__(self, tau: float = 0.3) -> None:
         super().__init__(_positive("tau", tau))
@@ -75,7 +75,7 @@ class FixedTemperature(Temperature):
 
 
 class AdaptiveTemperature(Temperature):
-    """Seed 000: gap = |mean E_neg - mean E_pos|; gap < low_gap -> base * low_factor, gap > high_gap ->
+    """Tau from the energy gap: gap = |mean E_neg - mean E_pos|; gap < low_gap -> base * low_factor, gap > high_gap ->
     base * high_factor, else base; clamped to [min_tau, max_tau]. Computed without gradient.
 
     With ema > 0 the gap is smoothed (gap_ema = ema * gap_ema + (1 - ema) * gap, the first gap seeds it) while
@@ -113,7 +113,7 @@ class AdaptiveTemperature(Temperature):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def tau_for_gap(self, gap: Optional[float]) -> float:
-        """The seed 000 rule for one gap (None: no gap known -> base), clamped to [min_tau, max_tau]."""
+        """The energy-gap rule for one gap (None: no gap known -> base), clamped to [min_tau, max_tau]."""
         tau = self.base
         if gap is not None and gap < self.low_gap:
             tau = self.base * self.low_factor

@@ -8,7 +8,7 @@ ENERGY_ACTIVATIONS = ("sigmoid", "softplus", "none")
 
 
 class EnergyHeadConfig(PretrainedConfig):
-    """Sizes of the energy head and its output activation (seed 000 defaults: sigmoid(0.5 raw) * 2 + 0.1)."""
+    """Sizes of the energy head and its output activation (default: E = sigmoid(0.5 raw) * 2 + 0.1, in (0.1, 2.1))."""
 
     model_type = "vla_energy_head"
 

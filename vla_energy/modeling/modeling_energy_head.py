@@ -90,7 +90,7 @@ class EnergyHead(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # A small last layer keeps the initial raw output near 0 (E near 1.1, the sigmoid's steep part): at the
-        # trunk's scale it starts saturated and its gradient vanishes (seed 000's failure mode); at exactly 0 the
+        # trunk's scale it starts saturated and its gradient vanishes (a bounded energy's failure mode); at exactly 0 the
         # trunk gets no gradient on the first steps and a toy task did not learn.
         if module is self.out[-1]:
             _normal(module.weight, std=self.config.initializer_range / self.config.hidden_dim**0.5)
@@ -202,7 +202,7 @@ class EnergyHead(PreTrainedModel):
             return self._activate(raw)
 
     def _activate(self, raw: Tensor) -> Tensor:
-        """Output activation of seed 000: sigmoid(s * raw) * scale + offset (or softplus / identity)."""
+        """Output activation: sigmoid(s * raw) * scale + offset (default), softplus(s * raw) * scale + offset, or raw."""
         cfg = self.config
         if cfg.energy_activation == "sigmoid":
             return torch.sigmoid(cfg.energy_input_scale * raw) * cfg.energy_scale + cfg.energy_offset

@@ -1,4 +1,4 @@
-"""Seed 000's progressive schedule: the energy head's lr scale and grad-clip norm grow with the step."""
+"""The progressive schedule: the energy head's lr scale and grad-clip norm grow with the step."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LrLambda = Callable[[int], float]
 
 @dataclass
 class ProgressiveSchedule:
-    """step < stable_steps: start values; linear up to ramp_end_step; end values after (seed 000 defaults).
+    """step < stable_steps: start values; linear up to ramp_end_step; end values after.
 
     With the defaults: lr scale 0.1 and max grad norm 0.3 for 5k steps, then linear to 0.5 / 0.5 at 15k steps.
     Steps count optimizer steps (the scheduler is stepped once per optimizer step).

@@ -20,7 +20,7 @@ PLUGIN_STATE = "energy_plugin_state"
 
 
 class ProgressiveScheduleCallback(TrainerCallback):
-    """Seed 000's schedule in a Trainer: lr scale on the energy group, max_grad_norm per step."""
+    """The progressive schedule in a Trainer: lr scale on the energy group, max_grad_norm per step."""
 
     def __init__(self, schedule: ProgressiveSchedule, energy_group: int = -1) -> None:
         self.schedule = schedule
@@ -45,7 +45,7 @@ class ProgressiveScheduleCallback(TrainerCallback):
         args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        # The Trainer clips all parameters with args.max_grad_norm; the seed's clip follows the step.
+        # The Trainer clips all parameters with args.max_grad_norm; the schedule's clip follows the step.
         args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
 
 
