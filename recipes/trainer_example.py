@@ -9,14 +9,19 @@ With your own Trainer subclass (e.g. TRL's): `class MyTrainer(EnergyLossMixin, S
 import torch
 from transformers import TrainingArguments
 
-from vla_energy.backbones.loading import load_backbone
+from vla_energy import (
+    DataConfig,
+    EnergyArguments,
+    EnergyPlugin,
+    EnergyTrainer,
+    EnergyVLAModel,
+    VLACollator,
+    build_datasets,
+    load_backbone,
+)
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
-from vla_energy.data import DataConfig, VLACollator, build_datasets
-from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
-from vla_energy.training.trainer import EnergyTrainer
 
 
 def main() -> None:
