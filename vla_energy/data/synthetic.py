@@ -12,8 +12,8 @@ image, which a small randomly initialised VLM learns in minutes; the top-down vi
 Action (Da = 3) of frame t: dx, dy = GAIN * (target - agent_t) + N(0, NOISE^2) (the step to the next frame;
 |dx|, |dy| < 0.08), and grip = 1.0 when the agent is within GRIP_RADIUS of the target, else 0.0.
 State ("agent"): the agent position (x, y). State "goal_offset": (x, y, ox, oy), where each episode draws an
-offset (ox, oy) ~ U(-GOAL_OFFSET, GOAL_OFFSET)^2 that moves the goal off the named square (goal = target + offset,
-clipped to [0, 1]); the offset is drawn nowhere in the image, so only a model that reads the state can reach the
+offset that moves the goal off the named square (goal = clip(target + U(-GOAL_OFFSET, GOAL_OFFSET)^2, 0.05, 0.95),
+offset = goal - target); the offset is drawn nowhere in the image, so only a model that reads the state can reach the
 goal (an image-only model is off by GAIN * offset per step, and never grips).
 """
 
@@ -70,7 +70,7 @@ NOISE = 0.004
 GRIP_RADIUS = 0.05
 VIEWS = ("top_down", "wrist")
 SYNTHETIC_STATES = ("agent", "goal_offset")
-GOAL_OFFSET = 0.15
+GOAL_OFFSET = 0.2
 WRIST_ZOOM = 0.5
 _MIN_TARGET_GAP = 0.25
 _MIN_START_DISTANCE = 0.4
@@ -142,8 +142,8 @@ def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str
     target = targets[goal]
     offset = np.zeros(2)
     if state == "goal_offset":  # drawn after the scene, so the "agent" episodes' draws are unchanged
-        offset = rng.uniform(-GOAL_OFFSET, GOAL_OFFSET, size=2)
-        target = np.clip(target + offset, 0.0, 1.0)
+        goal = np.clip(target + rng.uniform(-GOAL_OFFSET, GOAL_OFFSET, size=2), 0.05, 0.95)
+        offset, target = goal - target, goal
     agent = rng.uniform(0.05, 0.95, size=2)
     while np.linalg.norm(agent - target) < _MIN_START_DISTANCE:
         agent = rng.uniform(0.05, 0.95, size=2)
