@@ -7,7 +7,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import pandas as pd
@@ -36,9 +36,11 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def write_lerobot_v3(root: Union[str, Path], lengths: Sequence[int] = (4, 3, 5), video: bool = False, fps: int = 10,
-                     cameras: Sequence[str] = ("top",), size: int = 16) -> Path:
+                     cameras: Sequence[str] = ("top",), size: int = 16,
+                     frame: Callable[..., np.ndarray] = frame_rgb) -> Path:
     """A LeRobot v3.0 dataset: `observation.images.<camera>` (PNG images, or mp4 when `video`), a 2-D
-    observation.state [f, -f], a 3-D action [e, f, e*f], tasks TASKS[e % 2]; episodes concatenated in one file."""
+    observation.state [f, -f], a 3-D action [e, f, e*f], tasks TASKS[e % 2]; episodes concatenated in one file.
+    `frame(e, f, size, camera)` draws the pictures."""
     root = Path(root)
     (root / "meta").mkdir(parents=True)
     (root / "data" / "chunk-000").mkdir(parents=True)
@@ -78,15 +80,16 @@ def write_lerobot_v3(root: Union[str, Path], lengths: Sequence[int] = (4, 3, 5),
             rows["task_index"].append(e % 2)
     if not video:
         for c, key in enumerate(keys):
-            rows[key] = [{"bytes": _png(frame_rgb(e, f, size, c)), "path": None}
+            rows[key] = [{"bytes": _png(frame(e, f, size, c)), "path": None}
                          for e, n in enumerate(lengths) for f in range(n)]
     pq.write_table(pa.table(rows), root / "data" / "chunk-000" / "file-000.parquet")
     if video:
-        _write_videos(root, keys, lengths, fps, size)
+        _write_videos(root, keys, lengths, fps, size, frame)
     return root
 
 
-def _write_videos(root: Path, keys: Sequence[str], lengths: Sequence[int], fps: int, size: int) -> None:
+def _write_videos(root: Path, keys: Sequence[str], lengths: Sequence[int], fps: int, size: int,
+                  frame: Callable[..., np.ndarray]) -> None:
     """One lossless mp4 per camera holding all episodes, and meta/episodes with each episode's from_timestamp."""
     import av
 
@@ -101,7 +104,7 @@ def _write_videos(root: Path, keys: Sequence[str], lengths: Sequence[int], fps: 
             stream.pix_fmt = "rgb24"
             for e, n in enumerate(lengths):
                 for f in range(n):
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame_rgb(e, f, size, c), format="rgb24")):
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame(e, f, size, c), format="rgb24")):
                         out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
