@@ -8,9 +8,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import Dataset, Features, Image, Sequence, Value
@@ -35,6 +32,8 @@ from vla_energy.data import (
 )
 from vla_energy.data import video as video_mod
 from vla_energy.data.synthetic import GAIN, PALETTE, WRIST_ZOOM
+from vla_energy.testing.lerobot_datasets import frame_rgb as _frame_rgb
+from vla_energy.testing.lerobot_datasets import write_lerobot_v3
 from vla_energy.testing.tiny_vlms import TINY_VLM_KINDS, make_tiny_vlm
 
 # ---------------------------------------------------------------- chunking
@@ -182,88 +181,9 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _frame_rgb(e: int, f: int, size: int = 16) -> np.ndarray:
-    img = np.zeros((size, size, 3), np.uint8)
-    img[..., 0] = 40 * e
-    img[..., 1] = 10 * f
-    return img
-
-
-def write_lerobot_v3(root: Path, lengths=(4, 3, 5), video: bool = False, fps: int = 10) -> Path:
-    """A small LeRobot v3.0 dataset: one camera (image or video), state, action, two tasks."""
-    cam = "observation.images.top"
-    (root / "meta").mkdir(parents=True)
-    (root / "data" / "chunk-000").mkdir(parents=True)
-    features = {
-        cam: {"dtype": "video" if video else "image", "shape": [16, 16, 3], "names": ["height", "width", "channel"]},
-        "observation.state": {"dtype": "float32", "shape": [2], "names": None},
-        "action": {"dtype": "float32", "shape": [3], "names": None},
-        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-        "index": {"dtype": "int64", "shape": [1], "names": None},
-        "task_index": {"dtype": "int64", "shape": [1], "names": None},
-    }
-    info = {
-        "codebase_version": "v3.0", "robot_type": "fake", "fps": fps, "total_episodes": len(lengths),
-        "total_frames": sum(lengths), "total_tasks": 2, "chunks_size": 1000, "splits": {"train": f"0:{len(lengths)}"},
-        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if video else None,
-        "features": features,
-    }
-    (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-    pd.DataFrame({"task_index": [0, 1]}, index=pd.Index(["pick up the cube", "open the drawer"], name="task")).to_parquet(
-        root / "meta" / "tasks.parquet")
-    rows: dict[str, list] = {k: [] for k in ["action", "observation.state", "timestamp", "frame_index",
-                                             "episode_index", "index", "task_index"]}
-    images = []
-    for e, n in enumerate(lengths):
-        for f in range(n):
-            rows["action"].append([float(e), float(f), float(e * f)])
-            rows["observation.state"].append([float(f), -float(f)])
-            rows["timestamp"].append(f / fps)
-            rows["frame_index"].append(f)
-            rows["episode_index"].append(e)
-            rows["index"].append(len(rows["index"]))
-            rows["task_index"].append(e % 2)
-            images.append({"bytes": _png(_frame_rgb(e, f)), "path": None})
-    table = {k: v for k, v in rows.items()}
-    if not video:
-        table[cam] = images
-    pq.write_table(pa.table(table), root / "data" / "chunk-000" / "file-000.parquet")
-    if video:
-        _write_video(root, cam, lengths, fps)
-    return root
-
-
-def _write_video(root: Path, cam: str, lengths, fps: int) -> None:
-    """All episodes in one mp4 (lossless-ish), plus meta/episodes with from_timestamp per episode."""
-    import av
-
-    path = root / "videos" / cam / "chunk-000" / "file-000.mp4"
-    path.parent.mkdir(parents=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264rgb", rate=fps, options={"crf": "0"})
-        stream.width = stream.height = 16
-        stream.pix_fmt = "rgb24"
-        for e, n in enumerate(lengths):
-            for f in range(n):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(_frame_rgb(e, f), format="rgb24")):
-                    out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    starts = np.cumsum([0, *lengths[:-1]]) / fps
-    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
-    pd.DataFrame({
-        "episode_index": list(range(len(lengths))), "length": list(lengths),
-        f"videos/{cam}/chunk_index": [0] * len(lengths), f"videos/{cam}/file_index": [0] * len(lengths),
-        f"videos/{cam}/from_timestamp": starts, f"videos/{cam}/to_timestamp": starts + np.asarray(lengths) / fps,
-    }).to_parquet(root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-
-
 def test_lerobot_v3_fixture_loads_end_to_end(tmp_path: Path) -> None:
     root = write_lerobot_v3(tmp_path / "ds")
-    cfg = DataConfig(dataset=str(root), horizon=3, val_fraction=0.34, data_seed=0)
+    cfg = DataConfig(dataset=str(root), horizon=3, val_fraction=0.34, data_seed=0, use_state=True)
     train, val, stats = build_datasets(cfg, progress=False)
     assert len(train) + len(val) == 12
     assert not set(train["episode_index"][:]) & set(val["episode_index"][:])
@@ -272,7 +192,8 @@ def test_lerobot_v3_fixture_loads_end_to_end(tmp_path: Path) -> None:
             e, f = ex["episode_index"], ex["frame_index"]
             assert ex["instruction"] == ["pick up the cube", "open the drawer"][e % 2]
             assert np.array_equal(np.asarray(ex["image"]), _frame_rgb(e, f))
-            assert ex["state"] == [float(f), -float(f)]
+            np.testing.assert_allclose(ex["state"], stats.state.normalize(np.asarray([float(f), -float(f)])),
+                                       atol=1e-6)
             n = (4, 3, 5)[e]
             raw = [[float(e), float(s), float(e * s)] for s in (min(f + k, n - 1) for k in range(3))]
             np.testing.assert_allclose(ex["actions"], stats.normalize(np.asarray(raw)), atol=1e-6)
@@ -280,6 +201,9 @@ def test_lerobot_v3_fixture_loads_end_to_end(tmp_path: Path) -> None:
     # Statistics come from the training episodes only.
     train_frames = [[float(e), float(f), float(e * f)] for e, f in zip(train["episode_index"], train["frame_index"])]
     np.testing.assert_allclose(stats.q99, np.quantile(np.asarray(train_frames), 0.99, axis=0))
+    train_states = [[float(f), -float(f)] for f in train["frame_index"]]
+    np.testing.assert_allclose(stats.state.q99, np.quantile(np.asarray(train_states), 0.99, axis=0))
+    assert "state" not in build_datasets(DataConfig(dataset=str(root), horizon=3), progress=False)[0].column_names
 
 
 def test_lerobot_video_feature_without_decoder_names_feature_and_install(tmp_path: Path, monkeypatch) -> None:
@@ -370,19 +294,25 @@ def test_hub_names_go_through_load_dataset(monkeypatch) -> None:
         return _hf_frames()
 
     monkeypatch.setattr(loading, "load_dataset", fake_load_dataset)
-    cfg = DataConfig(dataset="org/robot-data", dataset_split="validation", image_key="rgb", instruction_key="prompt",
-                     action_key="act", episode_key="ep", frame_key="t")
+    cfg = DataConfig(dataset="org/robot-data", dataset_format="hf", dataset_split="validation", image_key="rgb",
+                     instruction_key="prompt", action_key="act", episode_key="ep", frame_key="t")
     assert len(load_frames(cfg)) == 12 and calls == [("org/robot-data", "validation")]
     monkeypatch.setattr(loading, "load_dataset", lambda name, split: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(ValueError, match="is not a local path.*ConnectionError: offline"):
         load_frames(cfg)
 
 
-def test_several_cameras_are_tiled(tmp_path: Path) -> None:
+def test_several_cameras_are_separate_or_tiled(tmp_path: Path) -> None:
     _hf_frames().save_to_disk(str(tmp_path / "hf"))
     cfg = DataConfig(dataset=str(tmp_path / "hf"), image_key="rgb,wrist", instruction_key="prompt",
                      action_key="act", episode_key="ep", frame_key="t")
-    ex = load_frames(cfg)[5]  # episode 1, frame 1
+    images = load_frames(cfg)[5]["image"]  # episode 1, frame 1: a list in image_key order
+    assert [im.size for im in images] == [(16, 16), (8, 8)]
+    assert np.array_equal(np.asarray(images[0]), _frame_rgb(1, 1))
+    cfg.image_key = "wrist,rgb"
+    assert [im.size for im in load_frames(cfg)[5]["image"]] == [(8, 8), (16, 16)]
+    cfg.image_key, cfg.camera_layout = "rgb,wrist", "tile"
+    ex = load_frames(cfg)[5]
     img = np.asarray(ex["image"])
     assert img.shape == (16, 32, 3)  # the 8 px wrist camera resized to 16 px, right of the main one
     assert np.array_equal(img[:, :16], _frame_rgb(1, 1))
@@ -526,7 +456,8 @@ def test_collator_output_and_errors() -> None:
 @pytest.fixture(scope="module")
 def synthetic_examples(tmp_path_factory) -> list[dict]:
     cache = tmp_path_factory.mktemp("cache")
-    train, _, _ = build_datasets(DataConfig(num_episodes=6, horizon=3, cache_dir=str(cache)), progress=False)
+    train, _, _ = build_datasets(DataConfig(num_episodes=6, horizon=3, cache_dir=str(cache), use_state=True),
+                                 progress=False)
     return [train[i] for i in (0, 17, 40)]
 
 

@@ -1,10 +1,12 @@
 """Data pipeline: loading (LeRobot v3, HF datasets, synthetic), action chunks, normalization, collation."""
 
 from vla_energy.data.arguments import DATASET_FORMATS, NORMALIZATIONS, DataConfig
+from vla_energy.data.cameras import CAMERA_LAYOUTS, CameraTransform, tile_images, with_cameras
 from vla_energy.data.chunking import add_action_chunks, chunk_indices
 from vla_energy.data.collator import VLACollator, to_pil_image
+from vla_energy.data.hub import download_dataset
 from vla_energy.data.lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info, read_lerobot_tasks
-from vla_energy.data.loading import FRAME_COLUMNS, load_frames, standardize_frames, tile_images
+from vla_energy.data.loading import FRAME_COLUMNS, load_frames, standardize_frames
 from vla_energy.data.normalization import NORM_STATS_NAME, NormStats, compute_norm_stats
 from vla_energy.data.pipeline import build_datasets
 from vla_energy.data.split import split_episodes, split_rows
@@ -24,6 +26,10 @@ __all__ = [
     "load_frames",
     "standardize_frames",
     "tile_images",
+    "CAMERA_LAYOUTS",
+    "CameraTransform",
+    "with_cameras",
+    "download_dataset",
     "FRAME_COLUMNS",
     "load_lerobot_v3",
     "is_lerobot_dataset",

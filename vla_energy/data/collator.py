@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -35,8 +35,13 @@ class VLACollator:
 
     Returns the processor's tensors plus actions float32 [B,H,Da], action_mask bool [B,H], sample_id long [B],
     episode_index long [B] (and state float32 [B,Ds] when the examples have it). Picklable, so it runs in
-    DataLoader workers. A processor with a chat template gets a user message (image + instruction) through
-    apply_chat_template(add_generation_prompt=True), then the placeholders.
+    DataLoader workers. A processor with a chat template gets a user message (one image entry per camera +
+    instruction) through apply_chat_template(add_generation_prompt=True), then the placeholders.
+
+    Cameras: `image_key` names one column, or several in camera order (e.g. LeRobot's
+    ["observation.images.top", "observation.images.wrist"]); a column may also hold a list of images. With
+    one image per sample the processor gets a flat list of images, with several a list per sample.
+    `state_key` names the state vector (e.g. "observation.state"), `instruction_key` the text (e.g. "task").
     """
 
     def __init__(
@@ -44,9 +49,10 @@ class VLACollator:
         processor: Any,
         horizon: int,
         action_token: Optional[str] = None,
-        image_key: str = "image",
+        image_key: Union[str, Sequence[str]] = "image",
         instruction_key: str = "instruction",
         use_chat_template: Optional[bool] = None,
+        state_key: str = "state",
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon={horizon}, expected >= 1")
@@ -60,7 +66,11 @@ class VLACollator:
         self.horizon = horizon
         self.action_token = token
         self.image_key = image_key
+        self.image_keys = [image_key] if isinstance(image_key, str) else list(image_key)
+        if not self.image_keys:
+            raise ValueError("image_key names no column")
         self.instruction_key = instruction_key
+        self.state_key = state_key
         if use_chat_template is None:
             use_chat_template = bool(getattr(processor, "chat_template", None)) and hasattr(
                 processor, "apply_chat_template")
@@ -71,10 +81,11 @@ class VLACollator:
         """The H action placeholders appended to every prompt."""
         return self.action_token * self.horizon
 
-    def prompt(self, instruction: str) -> str:
-        """Text given to the processor for one example."""
+    def prompt(self, instruction: str, num_images: int = 1) -> str:
+        """Text given to the processor for one example with `num_images` camera images."""
         if self.use_chat_template:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            images = [{"type": "image"} for _ in range(num_images)]
+            messages = [{"role": "user", "content": [*images, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return text + self.placeholders
         return instruction + self.placeholders
@@ -99,12 +110,16 @@ class VLACollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        for key in (self.image_key, self.instruction_key):
+        for key in (*self.image_keys, self.instruction_key):
             if key not in examples[0]:
                 raise ValueError(f"example has no {key!r}; its keys are {sorted(examples[0])}")
-        images = [to_pil_image(ex[self.image_key], self.image_key) for ex in examples]
-        texts = [self.prompt(str(ex[self.instruction_key])) for ex in examples]
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        images = [self.images_of(ex) for ex in examples]
+        counts = {len(ims) for ims in images}
+        if len(counts) != 1:
+            raise ValueError(f"examples have {sorted(counts)} images each, expected one camera count per batch")
+        texts = [self.prompt(str(ex[self.instruction_key]), len(ims)) for ex, ims in zip(examples, images)]
+        flat = [ims[0] for ims in images] if counts == {1} else images
+        inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True)
         actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
         batch = dict(inputs)
         batch["actions"] = torch.from_numpy(actions)
@@ -114,6 +129,17 @@ class VLACollator:
             batch["action_mask"] = torch.ones(actions.shape[:2], dtype=torch.bool)
         batch["sample_id"] = torch.from_numpy(self._stack(examples, "sample_id", np.int64, ()))
         batch["episode_index"] = torch.from_numpy(self._stack(examples, "episode_index", np.int64, ()))
-        if all("state" in ex and ex["state"] is not None for ex in examples):
-            batch["state"] = torch.from_numpy(self._stack(examples, "state", np.float32, ("Ds",)))
+        if all(ex.get(self.state_key) is not None for ex in examples):
+            batch["state"] = torch.from_numpy(self._stack(examples, self.state_key, np.float32, ("Ds",)))
         return batch
+
+    def images_of(self, example: Mapping[str, Any]) -> list[PILImage.Image]:
+        """The example's camera images in camera order (a column holding a list contributes all of them)."""
+        out = []
+        for key in self.image_keys:
+            value = example[key]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            out.extend(to_pil_image(v, key) for v in values)
+        if not out:
+            raise ValueError(f"example has no image in {self.image_keys}")
+        return out

@@ -14,12 +14,12 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from datasets import Dataset, Image
+from datasets import Dataset, Features, Image, concatenate_datasets
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from vla_energy.data.columns import read_column
-from vla_energy.data.video import decode_video_frames, require_video_decoder
+from vla_energy.data.video import VIDEO_FRAME, decode_video_frames, require_video_decoder
 
 __all__ = ["is_lerobot_dataset", "read_lerobot_info", "lerobot_image_features", "read_lerobot_tasks",
            "load_lerobot_v3"]
@@ -80,8 +80,8 @@ def _episode_video_meta(root: Path, key: str) -> pd.DataFrame:
     return df[cols].set_index("episode_index")
 
 
-def _decode_video_feature(ds: Dataset, root: Path, info: dict, key: str, progress: bool) -> Dataset:
-    """Add an image column `key` holding the PNG-encoded video frame of each row."""
+def _video_frame_locations(ds: Dataset, root: Path, info: dict, key: str) -> tuple[list[str], np.ndarray, float]:
+    """Per row: the mp4 holding its frame of video feature `key`, the frame's time in that file, the tolerance."""
     fps = float(info.get("fps") or 0)
     if fps <= 0:
         raise ValueError(f"meta/info.json has fps={info.get('fps')!r}, needed to locate video frames")
@@ -95,17 +95,35 @@ def _decode_video_feature(ds: Dataset, root: Path, info: dict, key: str, progres
     if unknown:
         raise ValueError(f"episodes {unknown[:5]} have no video metadata for {key!r}")
     rows = meta.loc[episodes]
-    files = [
-        root / info.get("video_path", _DEFAULT_VIDEO_PATH).format(video_key=key, chunk_index=int(c), file_index=int(f))
-        for c, f in zip(rows[f"videos/{key}/chunk_index"], rows[f"videos/{key}/file_index"])
-    ]
+    template = info.get("video_path") or _DEFAULT_VIDEO_PATH
+    names = {(int(c), int(f)): str(root / template.format(video_key=key, chunk_index=int(c), file_index=int(f)))
+             for c, f in set(zip(rows[f"videos/{key}/chunk_index"], rows[f"videos/{key}/file_index"]))}
+    files = [names[(int(c), int(f))] for c, f in zip(rows[f"videos/{key}/chunk_index"], rows[f"videos/{key}/file_index"])]
+    missing = sorted({f for f in names.values() if not Path(f).is_file()})
+    if missing:
+        raise FileNotFoundError(f"video feature {key!r}: {missing[:3]} do not exist ({len(missing)} files missing)")
     times = rows[f"videos/{key}/from_timestamp"].to_numpy(np.float64) + t_in_episode
+    return files, times, 0.5 / fps
+
+
+def _video_frame_column(ds: Dataset, root: Path, info: dict, key: str) -> Dataset:
+    """Add a column `key` of VIDEO_FRAME structs (file, time): decoded when a row is read (lazy_video_transform)."""
+    files, times, tolerance = _video_frame_locations(ds, root, info, key)
+    column = {"video_path": files, "timestamp": times.tolist(), "tolerance_s": [tolerance] * len(files)}
+    refs = Dataset.from_dict({key: [dict(zip(column, v)) for v in zip(*column.values())]},
+                             features=Features({key: VIDEO_FRAME}))
+    return concatenate_datasets([ds, refs], axis=1)
+
+
+def _decode_video_feature(ds: Dataset, root: Path, info: dict, key: str, progress: bool) -> Dataset:
+    """Add an image column `key` holding the PNG-encoded video frame of each row (all decoded now, in memory)."""
+    files, times, tolerance = _video_frame_locations(ds, root, info, key)
     images: list[Optional[dict]] = [None] * len(ds)
-    by_file: dict[Path, list[int]] = {}
+    by_file: dict[str, list[int]] = {}
     for i, f in enumerate(files):
         by_file.setdefault(f, []).append(i)
     for f, idx in tqdm(by_file.items(), desc=f"decoding {key}", disable=not progress, leave=False):
-        frames = decode_video_frames(f, times[idx], tolerance_s=0.5 / fps)
+        frames = decode_video_frames(f, times[idx], tolerance_s=tolerance)
         for i, rgb in zip(idx, frames):
             buf = io.BytesIO()
             PILImage.fromarray(rgb).save(buf, format="PNG")
@@ -113,19 +131,24 @@ def _decode_video_feature(ds: Dataset, root: Path, info: dict, key: str, progres
     return ds.add_column(key, images, feature=Image())
 
 
-def load_lerobot_v3(root: str | Path, image_keys: Optional[list[str]] = None, progress: bool = False) -> Dataset:
+def load_lerobot_v3(root: str | Path, image_keys: Optional[list[str]] = None, progress: bool = False,
+                    decode_video: str = "lazy") -> Dataset:
     """All frame columns of a LeRobot v3 dataset, image features as `datasets.Image`, a `task` string column.
 
-    `image_keys` (default: the first image/video feature) are the camera features to keep usable; video
-    features among them are decoded (PyAV) or raise an ImportError naming the feature and what to install.
+    `image_keys` (default: every image/video feature, in meta/info.json order) are the camera features to keep usable; video
+    features among them need PyAV (else an ImportError naming the feature and what to install). Each becomes
+    a column of VIDEO_FRAME structs decoded when a row is read (`decode_video="lazy"`), or an Image column of
+    every frame decoded now (`"eager"`: memory grows with the dataset).
     """
+    if decode_video not in ("lazy", "eager"):
+        raise ValueError(f"decode_video={decode_video!r}, expected 'lazy' or 'eager'")
     root = Path(root)
     info = read_lerobot_info(root)
     visual = lerobot_image_features(info)
     if image_keys is None:
         if not visual:
             raise ValueError(f"{root}/meta/info.json declares no image or video feature; features: {list(info['features'])}")
-        image_keys = [next(iter(visual))]
+        image_keys = list(visual)
     for key in image_keys:
         if key not in visual:
             raise ValueError(f"image_key {key!r} is not an image/video feature of {root}; those are {list(visual)}")
@@ -139,8 +162,10 @@ def load_lerobot_v3(root: str | Path, image_keys: Optional[list[str]] = None, pr
         if dtype == "image" and key in ds.column_names and not isinstance(ds.features[key], Image):
             ds = ds.cast_column(key, Image())
     for key in image_keys:
-        if visual[key] == "video":
+        if visual[key] == "video" and decode_video == "eager":
             ds = _decode_video_feature(ds, root, info, key, progress)
+        elif visual[key] == "video":
+            ds = _video_frame_column(ds, root, info, key)
     if "task_index" in ds.column_names and "task" not in ds.column_names:
         tasks = read_lerobot_tasks(root)
         task_index = read_column(ds, "task_index")

@@ -11,14 +11,21 @@ from typing import Optional
 
 import datasets
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
-from PIL import Image as PILImage
 
 from vla_energy.data.arguments import DataConfig
+from vla_energy.data.cameras import camera_column, with_cameras
 from vla_energy.data.columns import require_columns
-from vla_energy.data.lerobot import is_lerobot_dataset, load_lerobot_v3, read_lerobot_info
+from vla_energy.data.hub import download_dataset, looks_like_repo_id
+from vla_energy.data.lerobot import (
+    is_lerobot_dataset,
+    lerobot_image_features,
+    load_lerobot_v3,
+    read_lerobot_info,
+)
 from vla_energy.data.synthetic import make_synthetic_dataset
+from vla_energy.data.video import is_video_frame_feature
 
-__all__ = ["FRAME_COLUMNS", "load_frames", "load_source", "standardize_frames", "tile_images", "detect_format"]
+__all__ = ["FRAME_COLUMNS", "load_frames", "load_source", "resolve_dataset", "standardize_frames", "detect_format"]
 
 FRAME_COLUMNS = ("image", "instruction", "action", "state", "episode_index", "frame_index")
 
@@ -65,40 +72,39 @@ def _load_hf(dataset: str, split: str) -> Dataset:
         ) from e
 
 
+def resolve_dataset(cfg: DataConfig) -> tuple[str, str]:
+    """(format, location): a hub repo id is downloaded (or found in the hub cache) unless dataset_format='hf',
+    where `datasets.load_dataset` reads it by name."""
+    if cfg.dataset == "synthetic" and cfg.dataset_format in ("auto", "hf"):
+        return "synthetic", cfg.dataset
+    location = cfg.dataset
+    if cfg.dataset_format != "hf" and looks_like_repo_id(cfg.dataset):
+        location = str(download_dataset(cfg.dataset, cfg.dataset_revision))
+    fmt = detect_format(location) if cfg.dataset_format == "auto" else cfg.dataset_format
+    return fmt, location
+
+
 def load_source(cfg: DataConfig, progress: bool = False) -> tuple[Dataset, dict[str, Optional[str]]]:
     """The source's raw table and the column defaults of its format."""
-    fmt = detect_format(cfg.dataset) if cfg.dataset_format == "auto" else cfg.dataset_format
-    if cfg.dataset == "synthetic" and fmt in ("synthetic", "hf"):
+    fmt, location = resolve_dataset(cfg)
+    if fmt == "synthetic":
         ds = make_synthetic_dataset(cfg.num_episodes, cfg.image_size, cfg.num_targets, cfg.min_episode_length,
                                     cfg.max_episode_length, cfg.data_seed, cfg.synthetic_view, cfg.cache_dir,
-                                    progress=progress)
+                                    state=cfg.synthetic_state, progress=progress)
         return ds, {"image_key": "image", "instruction_key": "instruction", "state_key": "state"}
     if fmt == "lerobot":
-        info = read_lerobot_info(cfg.dataset)
-        ds = load_lerobot_v3(cfg.dataset, cfg.image_keys, progress=progress)
-        visual = [k for k, f in info["features"].items() if f.get("dtype") in ("image", "video")]
+        info = read_lerobot_info(location)
+        visual = list(lerobot_image_features(info))
+        ds = load_lerobot_v3(location, cfg.image_keys or visual, progress=progress, decode_video=cfg.decode_video)
         state = _LEROBOT_STATE if _LEROBOT_STATE in ds.column_names else None
-        return ds, {"image_key": visual[0] if visual else None, "instruction_key": "task", "state_key": state}
-    return _load_hf(cfg.dataset, cfg.dataset_split), dict(_HF_DEFAULTS)
-
-
-def tile_images(images: list[PILImage.Image]) -> PILImage.Image:
-    """Cameras side by side (each resized to the first one's height), one RGB image."""
-    images = [im.convert("RGB") for im in images]
-    h = images[0].height
-    images = [im if im.height == h else im.resize((max(1, round(im.width * h / im.height)), h)) for im in images]
-    out = PILImage.new("RGB", (sum(im.width for im in images), h))
-    x = 0
-    for im in images:
-        out.paste(im, (x, 0))
-        x += im.width
-    return out
+        return ds, {"image_key": ",".join(visual) or None, "instruction_key": "task", "state_key": state}
+    return _load_hf(location, cfg.dataset_split), dict(_HF_DEFAULTS)
 
 
 def _check_image_feature(ds: Dataset, column: str) -> Dataset:
-    """Cast {bytes, path} structs to Image; video needs a decoder; anything else is an error."""
+    """Cast {bytes, path} structs to Image; keep video frame references; anything else is an error."""
     feature = ds.features[column]
-    if isinstance(feature, Image):
+    if isinstance(feature, Image) or is_video_frame_feature(feature):
         return ds
     if isinstance(feature, getattr(datasets, "Video", ())):  # datasets >= 3
         raise ValueError(
@@ -120,8 +126,15 @@ def standardize_frames(
     episode_key: str,
     frame_key: str,
     source: str = "dataset",
+    camera_layout: str = "separate",
 ) -> Dataset:
-    """Select the configured columns, rename them to FRAME_COLUMNS, tile several cameras into one image."""
+    """Select the configured columns and rename them to FRAME_COLUMNS.
+
+    One image camera becomes the `image` column. Several cameras, or a video camera, become camera_0.. (in
+    `image_keys` order) with a CameraTransform that builds `image` when a row is read (see cameras.py).
+    """
+    if len(set(image_keys)) != len(image_keys):
+        raise ValueError(f"image_key names a column twice: {image_keys}")
     wanted = {f"image_key[{i}]" if len(image_keys) > 1 else "image_key": k for i, k in enumerate(image_keys)}
     wanted.update({"instruction_key": instruction_key, "action_key": action_key, "state_key": state_key,
                    "episode_key": episode_key, "frame_key": frame_key})
@@ -134,32 +147,41 @@ def standardize_frames(
     keep = list(dict.fromkeys([*image_keys, instruction_key, action_key, episode_key, frame_key]
                               + ([state_key] if state_key else [])))
     ds = ds.select_columns(keep)
-    if len(image_keys) > 1:
-        ds = ds.map(lambda batch: {"image": [tile_images(list(ims)) for ims in zip(*(batch[k] for k in image_keys))]},
-                    batched=True, batch_size=64, remove_columns=image_keys, desc="tiling cameras")
-        ds = ds.cast_column("image", Image())
-        image_keys = ["image"]
-    renames = {image_keys[0]: "image", instruction_key: "instruction", action_key: "action",
+    single_image = len(image_keys) == 1 and isinstance(ds.features[image_keys[0]], Image)
+    cameras = {"image": image_keys[0]} if single_image else {camera_column(i): k for i, k in enumerate(image_keys)}
+    # Rename through temporary names: a camera may be called like another column's standard name.
+    renames = {**{v: k for k, v in cameras.items()}, instruction_key: "instruction", action_key: "action",
                episode_key: "episode_index", frame_key: "frame_index"}
     if state_key:
         renames[state_key] = "state"
-    ds = ds.rename_columns({k: v for k, v in renames.items() if k != v})
-    return ds.select_columns([c for c in FRAME_COLUMNS if c in ds.column_names])
+    ds = ds.rename_columns({k: f"__vla_{v}" for k, v in renames.items()})
+    ds = ds.rename_columns({f"__vla_{v}": v for v in renames.values()})
+    ds = ds.select_columns([c for c in FRAME_COLUMNS if c in ds.column_names] + [c for c in cameras if c != "image"])
+    return with_cameras(ds, camera_layout)
 
 
 def load_frames(cfg: DataConfig, progress: bool = False) -> Dataset:
     """The standard frame table of `cfg.dataset` (synthetic, LeRobot v3 or any HF dataset)."""
     raw, defaults = load_source(cfg, progress=progress)
-    image_keys = cfg.image_keys or ([defaults["image_key"]] if defaults["image_key"] else None)
+    image_keys = cfg.image_keys or (defaults["image_key"].split(",") if defaults["image_key"] else None)
     if not image_keys:
         raise ValueError(f"no image column: set image_key; available columns: {sorted(raw.column_names)}")
+    state_key = None
+    if cfg.use_state:
+        state_key = cfg.state_key or defaults["state_key"]
+        if state_key is None:
+            raise ValueError(
+                f"use_state=True but dataset {cfg.dataset!r} has no default state column: set state_key; "
+                f"available columns: {sorted(raw.column_names)}"
+            )
     return standardize_frames(
         raw,
         image_keys=image_keys,
         instruction_key=cfg.instruction_key or defaults["instruction_key"],
         action_key=cfg.action_key,
-        state_key=cfg.state_key if cfg.state_key is not None else defaults["state_key"],
+        state_key=state_key,
         episode_key=cfg.episode_key,
         frame_key=cfg.frame_key,
         source=f"dataset {cfg.dataset!r}",
+        camera_layout=cfg.camera_layout,
     )

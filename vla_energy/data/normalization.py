@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -25,7 +25,10 @@ ArrayLike = Union[np.ndarray, Tensor]
 
 @dataclass
 class NormStats:
-    """Statistics of each action dimension over the training split, and the normalization mode."""
+    """Statistics of each action dimension over the training split, and the normalization mode.
+
+    `state`: the same statistics of the proprioceptive state (use_state), normalized the same way.
+    """
 
     mode: str
     mean: list[float]
@@ -35,8 +38,11 @@ class NormStats:
     min: list[float]
     max: list[float]
     count: int
+    state: Optional[NormStats] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.state, dict):
+            self.state = NormStats(**self.state)
         if self.mode not in NORMALIZATIONS:
             raise ValueError(f"mode={self.mode!r}, expected one of {NORMALIZATIONS}")
         dims = {name: len(getattr(self, name)) for name in ("mean", "std", "q01", "q99", "min", "max")}
@@ -96,8 +102,11 @@ class NormStats:
         return y * self._as(scale, y) + self._as(center, y)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (no `state` key when there are no state statistics)."""
+        out = asdict(self)
+        if self.state is None:
+            del out["state"]
+        return out
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write JSON to `path` (a directory gets norm_stats.json inside), atomically."""
@@ -117,7 +126,7 @@ class NormStats:
             path = path / NORM_STATS_NAME
         raw = json.loads(path.read_text())
         expected = {"mode", "mean", "std", "q01", "q99", "min", "max", "count"}
-        if not isinstance(raw, dict) or set(raw) != expected:
+        if not isinstance(raw, dict) or set(raw) - {"state"} != expected:
             got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"{path}: keys {got}, expected {sorted(expected)}")
         return cls(**raw)

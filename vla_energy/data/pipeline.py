@@ -7,9 +7,10 @@ from contextlib import contextmanager
 
 import datasets
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 
 from vla_energy.data.arguments import DataConfig
+from vla_energy.data.cameras import camera_columns, with_cameras
 from vla_energy.data.chunking import add_action_chunks
 from vla_energy.data.columns import iter_vector_batches
 from vla_energy.data.loading import load_frames
@@ -34,10 +35,11 @@ def _datasets_progress(enabled: bool) -> Iterator[None]:
 
 def build_datasets(cfg: DataConfig, progress: bool = True) -> tuple[Dataset, Dataset, NormStats]:
     """(train, val, stats): frames of `cfg.dataset` chunked to horizon H, split by episode (seeded), with
-    `actions` normalized by statistics computed on the training split only.
+    `actions` (and with use_state, `state`) normalized by statistics computed on the training split only.
 
-    Each example: image, instruction, [state], episode_index, frame_index, actions [H, Da] (normalized),
-    action_mask [H] (True = real step), sample_id (row index in the frame table).
+    Each example: image (a PIL image, or a list of them with several cameras and camera_layout="separate"),
+    instruction, [state [Ds] float32], episode_index, frame_index, actions [H, Da] (normalized), action_mask [H]
+    (True = real step), sample_id (row index in the frame table). Video frames are decoded when a row is read.
     """
     with _datasets_progress(progress):
         frames = load_frames(cfg, progress=progress)
@@ -50,5 +52,16 @@ def build_datasets(cfg: DataConfig, progress: bool = True) -> tuple[Dataset, Dat
         stats = compute_norm_stats(
             (actions[train_rows[i:i + batch]] for i in range(0, len(train_rows), batch)), mode=cfg.normalization
         )
+        if "state" in frames.column_names:
+            states = np.concatenate(list(iter_vector_batches(frames, "state", progress=progress,
+                                                             desc="reading states")))
+            stats.state = compute_norm_stats(
+                (states[train_rows[i:i + batch]] for i in range(0, len(train_rows), batch)), mode=cfg.normalization
+            )
+            normed = stats.state.normalize(states).astype(np.float32)
+            frames = concatenate_datasets([frames.remove_columns(["state"]), Dataset.from_dict(
+                {"state": normed}, features=Features({"state": Sequence(Value("float32"))}))], axis=1)
         chunked = add_action_chunks(frames, cfg.horizon, norm_stats=stats, actions=actions, progress=progress)
-        return chunked.select(train_rows), chunked.select(val_rows), stats
+        cameras = camera_columns(chunked)
+        return (with_cameras(chunked.select(train_rows), cfg.camera_layout, cameras),
+                with_cameras(chunked.select(val_rows), cfg.camera_layout, cameras), stats)

@@ -11,7 +11,10 @@ eye-in-hand camera centred on the agent (no plus drawn) that sees the table at W
 image, which a small randomly initialised VLM learns in minutes; the top-down view needs relating two objects.
 Action (Da = 3) of frame t: dx, dy = GAIN * (target - agent_t) + N(0, NOISE^2) (the step to the next frame;
 |dx|, |dy| < 0.08), and grip = 1.0 when the agent is within GRIP_RADIUS of the target, else 0.0.
-State: the agent position (x, y).
+State ("agent"): the agent position (x, y). State "goal_offset": (x, y, ox, oy), where each episode draws an
+offset that moves the goal off the named square (goal = clip(target + U(-GOAL_OFFSET, GOAL_OFFSET)^2, 0.05, 0.95),
+offset = goal - target); the offset is drawn nowhere in the image, so only a model that reads the state can reach the
+goal (an image-only model is off by GAIN * offset per step, and never grips).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ __all__ = [
     "GRIP_RADIUS",
     "VIEWS",
     "WRIST_ZOOM",
+    "SYNTHETIC_STATES",
+    "GOAL_OFFSET",
 ]
 
 # Version of the generator: bump when the output changes so that stale caches are not reused.
@@ -64,6 +69,8 @@ GAIN = 0.08
 NOISE = 0.004
 GRIP_RADIUS = 0.05
 VIEWS = ("top_down", "wrist")
+SYNTHETIC_STATES = ("agent", "goal_offset")
+GOAL_OFFSET = 0.2
 WRIST_ZOOM = 0.5
 _MIN_TARGET_GAP = 0.25
 _MIN_START_DISTANCE = 0.4
@@ -125,13 +132,18 @@ def _render(size: int, targets: np.ndarray, colors: list[str], agent: np.ndarray
     return render_scene(size, targets, colors, agent)
 
 
-def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str) -> dict[str, list]:
+def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str,
+             state: str = "agent") -> dict[str, list]:
     """One episode: frames, instruction, actions, states."""
     colors = [str(c) for c in rng.choice(list(PALETTE), size=k, replace=False)]
     targets = _place_targets(rng, k)
     goal = int(rng.integers(k))
     instruction = INSTRUCTION_TEMPLATES[int(rng.integers(len(INSTRUCTION_TEMPLATES)))].format(colors[goal])
     target = targets[goal]
+    offset = np.zeros(2)
+    if state == "goal_offset":  # drawn after the scene, so the "agent" episodes' draws are unchanged
+        goal = np.clip(target + rng.uniform(-GOAL_OFFSET, GOAL_OFFSET, size=2), 0.05, 0.95)
+        offset, target = goal - target, goal
     agent = rng.uniform(0.05, 0.95, size=2)
     while np.linalg.norm(agent - target) < _MIN_START_DISTANCE:
         agent = rng.uniform(0.05, 0.95, size=2)
@@ -143,7 +155,8 @@ def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str
         grip = float(np.linalg.norm(target - agent) < GRIP_RADIUS)
         out["image"].append({"bytes": png.getvalue(), "path": None})
         out["action"].append([float(step[0]), float(step[1]), grip])
-        out["state"].append([float(agent[0]), float(agent[1])])
+        out["state"].append([float(agent[0]), float(agent[1])]
+                            + ([float(offset[0]), float(offset[1])] if state == "goal_offset" else []))
         agent = np.clip(agent + step, 0.0, 1.0)
     out["instruction"] = [instruction] * length
     out["target_xy"] = [[float(target[0]), float(target[1])]] * length
@@ -151,13 +164,13 @@ def _episode(rng: np.random.Generator, size: int, k: int, length: int, view: str
 
 
 def _generate(num_episodes: int, image_size: int, num_targets: int, min_len: int, max_len: int, seed: int,
-              view: str, progress: bool) -> Dataset:
+              view: str, state: str, progress: bool) -> Dataset:
     columns: dict[str, list] = {name: [] for name in FEATURES}
     for e in tqdm(range(num_episodes), desc="synthetic episodes", disable=not progress, leave=False):
         # One generator per episode: episode e is the same whatever num_episodes is.
         rng = np.random.default_rng([seed, e])
         length = int(rng.integers(min_len, max_len + 1))
-        ep = _episode(rng, image_size, num_targets, length, view)
+        ep = _episode(rng, image_size, num_targets, length, view, state)
         for name, values in ep.items():
             columns[name].extend(values)
         columns["episode_index"].extend([e] * length)
@@ -174,12 +187,13 @@ def make_synthetic_dataset(
     seed: int = 0,
     view: str = "top_down",
     cache_dir: Optional[str] = None,
+    state: str = "agent",
     use_cache: bool = True,
     progress: bool = False,
 ) -> Dataset:
     """The synthetic frame dataset (columns: image, instruction, action [3], state [2], episode_index,
     frame_index, target_xy), deterministic in its arguments and cached on disk under a key of them.
-    `view` is "top_down" or "wrist" (see the module docstring)."""
+    `view` is "top_down" or "wrist", `state` "agent" or "goal_offset" (see the module docstring)."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes={num_episodes}, expected >= 1")
     if image_size < 8:
@@ -188,16 +202,20 @@ def make_synthetic_dataset(
         raise ValueError(f"num_targets={num_targets}, expected 1..{len(PALETTE)} (the number of colours)")
     if view not in VIEWS:
         raise ValueError(f"view={view!r}, expected one of {VIEWS}")
+    if state not in SYNTHETIC_STATES:
+        raise ValueError(f"state={state!r}, expected one of {SYNTHETIC_STATES}")
     if not 1 <= min_episode_length <= max_episode_length:
         raise ValueError(
             f"min_episode_length={min_episode_length}, max_episode_length={max_episode_length}, "
             "expected 1 <= min <= max"
         )
-    args = (num_episodes, image_size, num_targets, min_episode_length, max_episode_length, seed, view)
+    args = (num_episodes, image_size, num_targets, min_episode_length, max_episode_length, seed, view, state)
     if not use_cache:
         return _generate(*args, progress=progress)
     params = dict(zip(("num_episodes", "image_size", "num_targets", "min_episode_length", "max_episode_length",
                        "seed", "view"), args), version=_GENERATOR_VERSION)
+    if state != "agent":  # the default's key stays as before, so existing caches stay valid
+        params["state"] = state
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / "synthetic" / key

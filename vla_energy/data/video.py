@@ -7,8 +7,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from datasets import Value
 
-__all__ = ["video_decoder_available", "require_video_decoder", "decode_video_frames"]
+__all__ = ["VIDEO_FRAME", "is_video_frame_feature", "video_decoder_available", "require_video_decoder",
+           "decode_video_frames", "decode_frame_refs"]
+
+# A frame of a video feature, by reference: decoded when the row is read (see cameras.CameraTransform).
+VIDEO_FRAME = {"video_path": Value("string"), "timestamp": Value("float64"), "tolerance_s": Value("float32")}
+
+
+def is_video_frame_feature(feature: object) -> bool:
+    """True for a column of VIDEO_FRAME structs."""
+    return isinstance(feature, dict) and set(feature) == set(VIDEO_FRAME)
 
 
 def video_decoder_available() -> bool:
@@ -66,3 +76,27 @@ def decode_video_frames(path: str | Path, timestamps: Sequence[float], tolerance
             f"{path}: no frame within {tolerance_s:.4f}s of timestamps {missing[:5]} (of {len(missing)} missing)"
         )
     return [o for o in out if o is not None]
+
+
+def decode_frame_refs(refs: Sequence[dict], max_gap_s: float = 1.0) -> list[np.ndarray]:
+    """RGB uint8 frames of VIDEO_FRAME structs, in order.
+
+    Frames of one file closer than `max_gap_s` share one seek + decoding pass; farther ones get their own
+    seek, so a batch of random rows never decodes the long stretches of video between them.
+    """
+    out: list[np.ndarray | None] = [None] * len(refs)
+    by_file: dict[str, list[int]] = {}
+    for i, ref in enumerate(refs):
+        by_file.setdefault(ref["video_path"], []).append(i)
+    for path, idx in by_file.items():
+        idx = sorted(idx, key=lambda i: refs[i]["timestamp"])
+        groups = [[idx[0]]]
+        for prev, i in zip(idx, idx[1:]):
+            if refs[i]["timestamp"] - refs[prev]["timestamp"] > max_gap_s:
+                groups.append([])
+            groups[-1].append(i)
+        for group in groups:
+            tolerance = max(float(refs[i]["tolerance_s"]) for i in group)
+            for i, rgb in zip(group, decode_video_frames(path, [refs[i]["timestamp"] for i in group], tolerance)):
+                out[i] = rgb
+    return out  # type: ignore[return-value]
