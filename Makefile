@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test test-gpu bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+# Only the tests marked `gpu`: the recipe under each accelerate config (recipes/accelerate/) on 1 GPU, bf16 and fp16.
+test-gpu: $(STAMP)
+	$(PY) -m pytest tests -m gpu -rs
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run_all.py

@@ -9,17 +9,20 @@ measures what that costs. Nothing in the package offers this: a head left out of
 from __future__ import annotations
 
 from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 
-from vla_energy.modeling.modeling_energy_head import EnergyHead
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 from vla_energy.training.train import main
 
 _prepare = Accelerator.prepare
 
 
 def prepare_without_energy_head(self: Accelerator, *args, **kwargs):
-    """Accelerator.prepare, except that an EnergyHead only moves to the device (no DDP wrapper)."""
-    if len(args) == 1 and isinstance(args[0], EnergyHead):
-        return args[0].to(self.device)
+    """Accelerator.prepare, except that DDP ignores the EnergyVLAModel's energy head (no gradient all-reduce)."""
+    for arg in args:
+        if isinstance(arg, EnergyVLAModel):
+            names = [f"energy_head.{n}" for n, _ in arg.energy_head.named_parameters()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(arg, names)
     return _prepare(self, *args, **kwargs)
 
 

@@ -146,7 +146,7 @@ def test_frozen_backbone_two_processes(tmp_path):
     metrics = json.loads((tmp_path / "runs" / "frozen" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["world_size"] == 2
     ckpt = tmp_path / "runs" / "frozen" / "checkpoints" / "step_0000002"
-    assert (ckpt / "checkpoint_complete.json").exists() and (ckpt / "model_1.safetensors").exists()
+    assert (ckpt / "checkpoint_complete.json").exists() and (ckpt / "model.safetensors").exists()
 
 
 def test_two_by_two_trains_like_one_by_four(tmp_path):

@@ -93,7 +93,9 @@ def test_progressive_schedule_callback_scales_energy_group(tmp_path):
     groups = trainer.optimizer.param_groups
     assert groups[0]["lr"] == pytest.approx(1e-3)  # the policy group follows the Trainer's scheduler only
     assert groups[-1]["lr"] == pytest.approx(1e-3 * 0.5 * schedule.lr_scale(step))
-    assert trainer.args.max_grad_norm == pytest.approx(schedule.max_grad_norm(step - 1))
+    # The policy keeps max_grad_norm; the energy group is clipped at the schedule's norm (the recipe's rule).
+    assert trainer.args.max_grad_norm == pytest.approx(1.0)
+    assert trainer.energy_max_grad_norm() == pytest.approx(schedule.max_grad_norm(step))
 
 
 def test_peft_wrapped_model_with_modules_to_save(tmp_path):

@@ -42,10 +42,27 @@ def apply_lora(model: nn.Module, args: LoraArguments) -> nn.Module:
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else min(args.lora_r, 16),
         lora_dropout=args.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-        exclude_modules=VISION_MODULES_PATTERN if args.lora_exclude_vision else None,
+        exclude_modules=VISION_MODULES_PATTERN if args.lora_exclude_vision else unused_vision_modules_pattern(model),
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def unused_vision_modules_pattern(model: nn.Module) -> Optional[str]:
+    """Regex of vision-tower modules that take no part in the forward, so LoRA leaves them out (DDP would wait for
+    their gradients): encoder layers past `vision_feature_layer` (Llava: -2 skips the last) and SigLIP's pooling
+    `head` (PaliGemma reads the patch states)."""
+    parts = [r".*(vision_tower|vision_model)\..*\.head\..*"]
+    layer = getattr(model.config, "vision_feature_layer", None)
+    vision_config = getattr(model.config, "vision_config", None)
+    n = getattr(vision_config, "num_hidden_layers", None)
+    if n is not None and layer is not None:
+        layers = layer if isinstance(layer, (list, tuple)) else [layer]
+        last_used = max(int(k) % (n + 1) for k in layers) - 1  # hidden_states[k] is layer k-1's output
+        unused = [str(i) for i in range(last_used + 1, n)]
+        if unused:
+            parts.append(r".*(vision_tower|vision_model)\..*layers\.(" + "|".join(unused) + r")\..*")
+    return "|".join(f"(?:{p})" for p in parts)
 
 
 def is_peft(model: nn.Module) -> bool:

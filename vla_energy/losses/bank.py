@@ -61,9 +61,13 @@ class ActionBank:
                 self.count = min(self.size, self.count + a.shape[0])
         self._staged.clear()
 
-    def discard(self) -> None:
-        """Forget what was staged (a skipped step)."""
-        self._staged.clear()
+    def discard(self, keep: int = 0) -> None:
+        """Forget what was staged (a skipped step); `keep` leaves the first micro-batches staged before it."""
+        del self._staged[keep:]
+
+    def num_staged(self) -> int:
+        """Micro-batches staged since the last commit."""
+        return len(self._staged)
 
     def entries(self) -> tuple[Tensor, Tensor, Tensor]:
         """(actions [n,H,Da], action_mask [n,H], sample_ids [n]), oldest first."""

@@ -157,6 +157,14 @@ class TrainArguments:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     on_nonfinite: str = field(default="skip", metadata={"help": "raise | skip: what a NaN/Inf loss does."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (they show on the main process)."})
+    ddp_find_unused_parameters: bool = field(
+        default=False,
+        metadata={"help": "DDP's find_unused_parameters (slower): for trainable parameters that some forward does not "
+                          "use; without it such parameters stop training with an error naming them."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute the backbone's activations in backward (less memory, slower)."}
+    )
 
     def __post_init__(self) -> None:
         from vla_energy.training.nonfinite import NONFINITE_MODES

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -21,7 +22,20 @@ from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
 from vla_energy.modeling.modeling_energy_head import EnergyHead, EnergyHeadConfig
 from vla_energy.training.arguments import EnergyArguments
 
-__all__ = ["EnergyPlugin"]
+__all__ = ["EnergyPlugin", "LossParts"]
+
+# Seeds the explicit negatives of evaluation calls apart from the training draws (which eval must not advance).
+_EVAL_STREAM = 2**31 - 1
+
+
+@dataclass
+class LossParts:
+    """What the last compute_loss call computed besides the total: for a model's output."""
+
+    readout: BackboneReadout
+    policy: Tensor
+    l1: Tensor
+    energy_loss: Tensor
 
 
 class EnergyPlugin:
@@ -59,6 +73,17 @@ class EnergyPlugin:
         self.generator: Optional[torch.Generator] = None
         self.process_index = 0
         self.draws = 0  # energy_loss calls so far: with the process index it seeds that call's negatives
+        self.is_evaluating = False
+        self.last_parts: Optional[LossParts] = None
+
+    @contextmanager
+    def evaluating(self, flag: bool = True) -> Iterator[None]:
+        """Within: losses and metrics as in training, but nothing is staged into the bank and draws do not advance."""
+        before, self.is_evaluating = self.is_evaluating, flag
+        try:
+            yield
+        finally:
+            self.is_evaluating = before
 
     @classmethod
     def from_pretrained_heads(cls, args: EnergyArguments, action_head: ActionHead, energy_head: EnergyHead,
@@ -114,6 +139,7 @@ class EnergyPlugin:
         energy_loss, stats = self.energy_loss(readout, actions, action_mask, batch.get("sample_id"),
                                               layer_actions, accelerator)
         total = self.args.l1_loss_weight * l1 + self.args.energy_loss_weight * energy_loss
+        self.last_parts = LossParts(readout, policy.detach(), l1.detach(), energy_loss.detach())
         metrics = {"loss": float(total.detach()), "l1": float(l1.detach()), "energy_loss": float(energy_loss.detach())}
         metrics.update({f"energy/{k}": v for k, v in stats.items()})
         return total, metrics
@@ -130,11 +156,13 @@ class EnergyPlugin:
         """Energy InfoNCE with the planned strategy; users with their own context/layer_actions call this."""
         head, ctx, cmask = self.energy_head, readout.context, readout.context_mask
         negatives = None
-        self.draws += 1
+        if not self.is_evaluating:
+            self.draws += 1
         if self.plan.explicit:
             # Reseeded from (seed, rank, call) rather than carried along: the main process saves the checkpoint,
             # and one saved generator state would give every rank rank 0's stream after a resume.
-            seed = np.random.SeedSequence([self.args.negatives_seed, self.process_index, self.draws])
+            key = [self.args.negatives_seed, self.process_index, self.draws]
+            seed = np.random.SeedSequence(key + [_EVAL_STREAM] if self.is_evaluating else key)
             self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
 
             def energy_fn(chunk: Tensor) -> Tensor:
@@ -153,11 +181,16 @@ class EnergyPlugin:
                 action_mask=action_mask,
                 generator=self.generator,
             )
-        return strategy_loss(
-            self.plan, head, ctx, actions, accelerator,
-            context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
-            action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
-        )
+        staged = self.bank.num_staged() if self.bank is not None else 0
+        try:
+            return strategy_loss(
+                self.plan, head, ctx, actions, accelerator,
+                context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
+                action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
+            )
+        finally:
+            if self.is_evaluating and self.bank is not None:
+                self.bank.discard(keep=staged)  # the bank only holds training data
 
     def after_optimizer_step(self) -> None:
         """Enqueue this step's gathered actions into the bank (identical on every rank)."""

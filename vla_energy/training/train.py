@@ -14,22 +14,25 @@ import gc
 import math
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vla_energy.backbones.loading import LoadedBackbone, load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
-from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
+from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data import VLACollator, build_datasets
 from vla_energy.data.normalization import NormStats
-from vla_energy.evaluation.metrics import evaluate, spread_indices
+from vla_energy.evaluation.metrics import spread_indices
+from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.evaluation.report import plot_curves, plot_energy_histograms, write_metrics, write_report
 from vla_energy.inference.serialization import load_policy, save_policy
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 from vla_energy.training.arguments import parse_config, save_run_config
 from vla_energy.training.checkpoints import (
     TrainState,
@@ -38,9 +41,14 @@ from vla_energy.training.checkpoints import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from vla_energy.training.clipping import clip_group_
 from vla_energy.training.nonfinite import all_finite
 from vla_energy.training.plugin import EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
+from vla_energy.training.unused import check_unused_parameters
+
+# Where DDP wraps the model (and stops on a trainable parameter without gradient).
+DDP_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -53,36 +61,51 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_with=None if train.report_to == "none" else train.report_to.split(","),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train.ddp_find_unused_parameters)],
     )
     set_seed(train.seed)  # identical initial weights on every process
     main_proc = accelerator.is_main_process
+    engine_clips = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if engine_clips:
+        warnings.warn("DeepSpeed clips all gradients together with its config's gradient_clipping; the per-group "
+                      "norms (max_grad_norm for the policy, the schedule's for the energy head) do not apply "
+                      "(docs/distributed.md)", stacklevel=2)
 
     # Data: the main process builds (and caches) the dataset first, the others read the cache.
     with accelerator.main_process_first():
         train_ds, val_ds, norm_stats = build_datasets(data_args, progress=main_proc and not train.disable_tqdm)
     action_dim = len(train_ds[0]["actions"][0])
 
-    # Backbone + LoRA, action head and energy head; or a saved policy's backbone, adapter and action head.
-    if model_args.init_from:
-        backbone, loaded, action_head = start_from_policy(model_args.init_from, model_args.trust_remote_code,
-                                                          lora_args, action_dim, data_args.horizon, norm_stats)
-    else:
-        loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
-                               model_args.dtype, seed=train.seed)
-        backbone, action_head = apply_lora(loaded.model, lora_args), None
-    plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
-                          loaded.action_token_id, action_head=action_head)
+    def build_model() -> tuple[EnergyVLAModel, LoadedBackbone]:
+        """Backbone + LoRA, action head and energy head; or a saved policy's backbone, adapter and action head."""
+        if model_args.init_from:
+            backbone, loaded, action_head = start_from_policy(model_args.init_from, model_args.trust_remote_code,
+                                                              lora_args, action_dim, data_args.horizon, norm_stats)
+        else:
+            loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
+                                   model_args.dtype, seed=train.seed)
+            backbone, action_head = apply_lora(loaded.model, lora_args), None
+        plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
+                              loaded.action_token_id, action_head=action_head)
+        return EnergyVLAModel(backbone, plugin), loaded
+
+    model, loaded = build_model()
+    plugin = model.plugin
     plan = plugin.setup(accelerator, train.per_device_train_batch_size)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
 
     collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token)
     train_dl = DataLoader(train_ds, batch_size=train.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                           num_workers=train.dataloader_num_workers)
-    # Evenly spaced over the held-out split, so that every validation episode is represented.
-    eval_ds = val_ds.select(spread_indices(len(val_ds), train.eval_max_samples))
-    eval_dl = DataLoader(eval_ds, batch_size=train.per_device_eval_batch_size, collate_fn=collator)
+    # Evenly spaced over the held-out split, so that every validation episode is represented; each sample carries
+    # its ranking candidates, so that every rank evaluates its share through the (possibly sharded) model.
+    eval_ds = RankingDataset(val_ds.select(spread_indices(len(val_ds), train.eval_max_samples)),
+                             train.eval_num_negatives, seed=data_args.data_seed)
+    eval_dl = DataLoader(eval_ds, batch_size=train.per_device_eval_batch_size, collate_fn=RankingCollator(collator))
 
     optimizer = torch.optim.AdamW(
-        param_groups(backbone, plugin.action_head, plugin.energy_modules(), train.learning_rate,
+        param_groups(model.backbone, model.action_head, plugin.energy_modules(), train.learning_rate,
                      train.energy_lr_scale, train.weight_decay)
     )
     schedule = ProgressiveSchedule(
@@ -93,24 +116,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     lr_scheduler = schedule.make_lr_scheduler(optimizer, group_index=len(optimizer.param_groups) - 1,
                                               base_lambda=warmup)
 
-    # Every trained module goes through prepare (DDP) so that all ranks keep identical weights. The scheduler is
-    # stepped by hand once per optimizer step: its steps are optimizer steps, whatever the world size.
-    # A frozen backbone (use_lora false) only moves to the device: DDP refuses a module without trainable parameters.
-    frozen_backbone = not any(p.requires_grad for p in backbone.parameters())
-    if frozen_backbone:
-        backbone.to(accelerator.device)
-    else:
-        backbone = accelerator.prepare(backbone)
-    plugin.action_head = accelerator.prepare(plugin.action_head)
-    plugin.energy_head = accelerator.prepare(plugin.energy_head)
-    optimizer, train_dl = accelerator.prepare(optimizer, train_dl)
-    if any(p.requires_grad for p in plugin.temperature.parameters()):
-        plugin.temperature = accelerator.prepare(plugin.temperature)  # a learnable tau must stay equal on all ranks
+    # One prepare: the whole model with its optimizer (FSDP2 shards both together; DeepSpeed builds one engine).
+    # The scheduler is stepped by hand once per optimizer step, so its steps are optimizer steps at any world size.
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    net = accelerator.unwrap_model(model)
+    # After prepare: FSDP2 has swapped the parameters for sharded DTensors.
+    policy_params, energy_params = net.policy_parameters(), net.energy_parameters()
     # Saved beside accelerate's state as safetensors + JSON (accelerate would pickle registered objects).
     state = TrainState()
     extra_states = {"lr_scheduler": lr_scheduler, "energy_plugin": plugin, "train_state": state}
-    policy_params = [p for m in (backbone, plugin.action_head) for p in m.parameters() if p.requires_grad]
-    energy_params = [p for m in plugin.energy_modules() for p in m.parameters() if p.requires_grad]
 
     if train.resume_from_checkpoint:
         checkpoint = resolve_resume(train.resume_from_checkpoint, run_dir)
@@ -125,35 +139,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "grad_accum": train.gradient_accumulation_steps, "tau": energy_args.tau, "lr": train.learning_rate,
     })
 
-    def run_eval() -> tuple[dict[str, float], object]:
-        """Ranking accuracy on the held-out split, computed on the main process with the unwrapped modules."""
-        for m in (backbone, plugin.action_head, plugin.energy_head):
-            m.eval()
+    def run_eval() -> tuple[dict[str, float], RankingTally]:
+        """Ranking accuracy and losses on the held-out split; every rank evaluates its share, results gathered."""
+        model.eval()
+        tally, losses = RankingTally(), []
         with torch.no_grad():
-            heads = (plugin.action_head, plugin.energy_head)
-            plugin.action_head, plugin.energy_head = (accelerator.unwrap_model(m) for m in heads)
-            batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in eval_dl)
-            metrics, outputs = evaluate(accelerator.unwrap_model(backbone), plugin, batches,
-                                        train.eval_num_negatives, seed=data_args.data_seed, progress=False)
-            plugin.action_head, plugin.energy_head = heads
-        for m in (backbone, plugin.action_head, plugin.energy_head):
-            m.train()
-        return metrics, outputs
+            for batch in eval_dl:
+                out = model(**batch)
+                energies, policy, actions, mask = accelerator.gather_for_metrics(
+                    (out.ranking_energies, out.policy, batch["actions"], batch["action_mask"]))
+                tally.add(energies, policy, actions, mask)
+                losses.append(torch.stack([out.loss.detach().float(), out.energy_loss.float()]))
+        model.train()
+        metrics = tally.metrics()
+        mean = accelerator.reduce(torch.stack(losses).mean(dim=0), reduction="mean").tolist()
+        metrics.update({"loss": mean[0], "energy_loss": mean[1]})
+        return metrics, tally
 
     batches_per_epoch = len(train_dl)
     stop_at = min(train.max_steps, state.step + train.stop_after_steps) if train.stop_after_steps else train.max_steps
     progress = tqdm(total=train.max_steps, initial=state.step, disable=not (main_proc and not train.disable_tqdm),
                     desc=f"train [{plan.name}]")
     skip_window = False  # a non-finite loss anywhere in the accumulation window skips the whole step
+    checked_unused = state.step > 0
     running: dict[str, float] = {}
     while state.step < stop_at:
         epoch, done_in_epoch = divmod(state.micro_step, batches_per_epoch)
         train_dl.set_epoch(epoch)
         epoch_dl = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
         for batch in epoch_dl:
-            with accelerator.accumulate(backbone, plugin.action_head, plugin.energy_head):
-                outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
-                loss, metrics = plugin.compute_loss(outputs, batch, accelerator)
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss, metrics = outputs.loss, outputs.metrics
                 # All ranks agree on finiteness before backward, so no rank waits in an all-reduce alone.
                 if not all_finite(accelerator, loss):
                     if train.on_nonfinite == "raise":
@@ -163,8 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and not skip_window:
-                    grad_norm = accelerator.clip_grad_norm_(policy_params, train.max_grad_norm)
-                    accelerator.clip_grad_norm_(energy_params, schedule.max_grad_norm(state.step))
+                    if not checked_unused and accelerator.distributed_type in DDP_TYPES:
+                        check_unused_parameters(net, train.ddp_find_unused_parameters)
+                    checked_unused = True
+                    if not engine_clips:
+                        # One unscale (a GradScaler refuses a second), then each group at its own norm.
+                        accelerator.unscale_gradients()
+                        grad_norm = clip_group_(policy_params, train.max_grad_norm)
+                        clip_group_(energy_params, schedule.max_grad_norm(state.step))
                 if not skip_window:
                     optimizer.step()
                 optimizer.zero_grad()
@@ -199,11 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             running.clear()
 
             if train.eval_steps and state.step % train.eval_steps == 0 and state.step < train.max_steps:
-                if main_proc:
-                    ev, _ = run_eval()
-                    accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=state.step)
-                    state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in ev.items()}})
-                accelerator.wait_for_everyone()
+                ev, _ = run_eval()
+                accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=state.step)
+                state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in ev.items()}})
             stopping = state.step >= stop_at
             if (train.save_steps and state.step % train.save_steps == 0) or (stopping and stop_at < train.max_steps):
                 save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step,
@@ -215,18 +236,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     progress.close()
     if state.step < train.max_steps:  # stop_after_steps: the next launch resumes from the checkpoint
         accelerator.print(f"stopped at step {state.step} of {train.max_steps}; resume with --resume_from_checkpoint latest")
-        backbone, plugin = release_ddp(accelerator, backbone, plugin)
+        model = net = release_ddp(accelerator, model)
         gc.collect()
         accelerator.end_training()
         return {}
 
-    final: dict[str, float] = {}
+    final, tally = run_eval()
+    accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=state.step)
+    state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in final.items()}})
+    saved = policy_module(accelerator, model, build_model)  # every rank takes part when weights are sharded
     if main_proc:
-        final, outputs = run_eval()
-        accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=state.step)
-        state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in final.items()}})
-        save_policy(run_dir / "model", accelerator.unwrap_model(backbone), plugin, norm_stats, loaded,
-                    unwrap=accelerator.unwrap_model)
+        save_policy(run_dir / "model", saved.backbone, saved.plugin, norm_stats, loaded)
         final.update({
             "steps": float(state.step), "world_size": float(accelerator.num_processes),
             "local_batch": float(train.per_device_train_batch_size), "grad_accum": float(train.gradient_accumulation_steps),
@@ -235,30 +255,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "negatives_per_positive": next((h["energy/num_negatives"] for h in reversed(state.history)
                                             if "energy/num_negatives" in h), math.nan),
         })
-        write_outputs(run_dir, final, state.history, outputs, train.eval_num_negatives)
+        write_outputs(run_dir, final, state.history, tally, train.eval_num_negatives)
         accelerator.print(f"top-1 accuracy {final['top1_acc']:.3f} (chance {final['chance_acc']:.3f}); "
                           f"report: {run_dir / 'report.md'}")
-    backbone, plugin = release_ddp(accelerator, backbone, plugin)
+    model = net = saved = release_ddp(accelerator, model)
     gc.collect()  # DDP wrappers sit in reference cycles: free them while every process still holds the group
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
 
-def release_ddp(accelerator: Accelerator, backbone: torch.nn.Module, plugin: EnergyPlugin
-                ) -> tuple[torch.nn.Module, EnergyPlugin]:
-    """Drop the DDP wrappers before the process group is destroyed; returns the unwrapped modules.
+def weights_sharded(accelerator: Accelerator) -> bool:
+    """Whether no single process holds the full weights (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def policy_module(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], tuple]) -> EnergyVLAModel:
+    """The trained model with full weights for saving: the unwrapped model, or (sharded) a fresh copy on the main
+    process filled from accelerator.get_state_dict, which every rank must call."""
+    if not weights_sharded(accelerator):
+        return accelerator.unwrap_model(model)
+    full = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return accelerator.unwrap_model(model)
+    fresh, _ = build()
+    fresh.load_state_dict(full)
+    fresh.plugin.load_state_dict(accelerator.unwrap_model(model).plugin.state_dict())
+    return fresh
+
+
+def release_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the DDP wrapper before the process group is destroyed; returns the unwrapped model.
 
     A DDP reducer that is only freed at interpreter exit destroys the gloo group while holding the GIL, and gloo's
     worker thread, still freeing the last barrier's tensors, waits for the GIL: rank 0 hung after its final report
     (gdb stack in docs/reliability.md). Freed first (the caller collects the cycles), the group outlives the reducer
     and end_training destroys it.
     """
-    backbone = accelerator.unwrap_model(backbone)
-    for name in ("action_head", "energy_head", "temperature"):
-        setattr(plugin, name, accelerator.unwrap_model(getattr(plugin, name)))
+    model = accelerator.unwrap_model(model)
     accelerator.free_memory()
-    return backbone, plugin
+    return model
 
 
 def start_from_policy(path: str, trust_remote_code: bool, lora_args: LoraArguments, action_dim: int, horizon: int,
@@ -285,7 +325,7 @@ def write_outputs(run_dir: Path, final: dict, history: list[dict], outputs, num_
     write_metrics(run_dir / "metrics.json", {**final, "history": history})
     plot_curves(run_dir / "loss.png", history, ["loss", "l1", "energy_loss", "energy/loss_floor"], "training loss")
     plot_curves(run_dir / "accuracy.png", history, ["energy/acc", "eval/top1_acc", "eval/chance_acc"], "accuracy")
-    e = outputs.ranking_energies
+    e = outputs.ranking_energies()
     plot_energy_histograms(run_dir / "energy_hist.png",
                            {"positive": e[:, 0].tolist(), "other episodes": e[:, 1:].flatten().tolist()},
                            "held-out energies")

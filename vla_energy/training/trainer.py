@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput
 
+from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 from vla_energy.training.checkpoints import load_states, save_states
+from vla_energy.training.clipping import clip_group_
 from vla_energy.training.plugin import EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
 
@@ -20,11 +25,16 @@ PLUGIN_STATE = "energy_plugin_state"
 
 
 class ProgressiveScheduleCallback(TrainerCallback):
-    """The progressive schedule in a Trainer: lr scale on the energy group, max_grad_norm per step."""
+    """The progressive schedule in a Trainer: lr scale on the energy group; `energy_max_grad_norm(step)` is the
+    energy group's clip norm (the policy keeps args.max_grad_norm), as in the recipe."""
 
     def __init__(self, schedule: ProgressiveSchedule, energy_group: int = -1) -> None:
         self.schedule = schedule
         self.energy_group = energy_group
+
+    def energy_max_grad_norm(self, step: int) -> float:
+        """The energy group's clip norm at optimizer step `step`."""
+        return self.schedule.max_grad_norm(step)
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         lambdas = getattr(lr_scheduler, "lr_lambdas", None)
@@ -42,11 +52,6 @@ class ProgressiveScheduleCallback(TrainerCallback):
             # LambdaLR set the group's lr at construction; apply the scaled lambda to the current step now.
             group = optimizer.param_groups[i]
             group["lr"] = lr_scheduler.base_lrs[i] * scaled(lr_scheduler.last_epoch)
-        args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        # The Trainer clips all parameters with args.max_grad_norm; the schedule's clip follows the step.
-        args.max_grad_norm = self.schedule.max_grad_norm(state.global_step)
 
 
 class _BankCallback(TrainerCallback):
@@ -79,7 +84,7 @@ class EnergyLossMixin:
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, energy_lr_scale: float = 0.1, schedule: Optional[ProgressiveSchedule] = None,
-                 **kwargs: Any) -> None:
+                 eval_num_negatives: int = 31, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         model = _energy_model(self.model)
         self.energy_plugin: EnergyPlugin = model.plugin
@@ -93,8 +98,77 @@ class EnergyLossMixin:
         self._energy_metrics: dict[str, float] = {}
         self._energy_count = 0
         self.add_callback(_BankCallback(self.energy_plugin))
+        self.schedule = schedule
         if schedule is not None:
             self.add_callback(ProgressiveScheduleCallback(schedule))
+        self.eval_num_negatives = eval_num_negatives
+        self.data_collator = RankingCollator(self.data_collator)  # passes batches without candidates through
+        self._ranked: dict[int, RankingDataset] = {}
+        self._eval_sums: dict[str, float] = {}
+        self._eval_count = 0
+        self._tally = RankingTally()
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            warnings.warn("DeepSpeed clips all gradients together with its config's gradient_clipping; the energy "
+                          "group's own clip norm does not apply (docs/distributed.md)", stacklevel=2)
+
+    def energy_max_grad_norm(self) -> float:
+        """The energy group's clip norm at this step: the schedule's, or max_grad_norm without a schedule."""
+        return self.args.max_grad_norm if self.schedule is None else self.schedule.max_grad_norm(self.state.global_step)
+
+    def _clip_grad_norm(self, model):
+        """The recipe's rule after one unscale: policy at max_grad_norm, the energy group at its own norm."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return super()._clip_grad_norm(model)  # the engine clips (globally) in its step
+        net = _energy_model(self.model)
+        self.accelerator.unscale_gradients()
+        norm = clip_group_(net.policy_parameters(), self.args.max_grad_norm)
+        clip_group_(net.energy_parameters(), self.energy_max_grad_norm())
+        return norm.to(self.args.device)
+
+    def _with_candidates(self, dataset: Any) -> Any:
+        """A split with episode_index gets its ranking candidates (the true chunk + eval_num_negatives others)."""
+        names = getattr(dataset, "column_names", None)
+        if isinstance(dataset, RankingDataset) or names is None or "episode_index" not in names:
+            return dataset
+        if id(dataset) not in self._ranked:
+            self._ranked[id(dataset)] = RankingDataset(dataset, self.eval_num_negatives, seed=self.args.seed)
+        return self._ranked[id(dataset)]
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        return super().get_eval_dataloader(self._with_candidates(eval_dataset if eval_dataset is not None
+                                                                 else self.eval_dataset))
+
+    def get_test_dataloader(self, test_dataset):
+        return super().get_test_dataloader(self._with_candidates(test_dataset))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss (and the policy's chunk against the true one) through compute_loss, which also tallies metrics."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, outputs.policy, inputs["actions"]
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """The Trainer's loop plus the energy metrics and the held-out top-1 (`eval_top1_acc`)."""
+        self._eval_sums, self._eval_count, self._tally = {}, 0, RankingTally()
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        metrics = dict(out.metrics)
+        if self._eval_count:
+            keys = sorted(self._eval_sums)
+            local = torch.tensor([self._eval_sums[k] / self._eval_count for k in keys], device=self.accelerator.device)
+            mean = self.accelerator.reduce(local, reduction="mean")
+            metrics.update({f"{metric_key_prefix}_{'head_loss' if k == 'loss' else k}": float(v)
+                            for k, v in zip(keys, mean)})
+        if self._tally.energies:
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._tally.metrics().items()})
+        return EvalLoopOutput(predictions=out.predictions, label_ids=out.label_ids, metrics=metrics,
+                              num_samples=out.num_samples)
 
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """AdamW with the energy head (and a learnable temperature) in its own group at lr x energy_lr_scale."""
@@ -110,15 +184,23 @@ class EnergyLossMixin:
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Model's own loss (with labels) + L1 + energy_loss_weight x global InfoNCE with the Trainer's accelerator."""
+        """Model's own loss (with labels) + L1 + energy_loss_weight x global InfoNCE over all processes."""
         if self.energy_plugin.plan is None:
             self.energy_plugin.setup(self.accelerator, self.args.per_device_train_batch_size)
-        outputs = model(accelerator=self.accelerator, **inputs)
+        outputs = model(**inputs)
         if model.training:
-            for k, v in outputs["metrics"].items():
+            for k, v in outputs.metrics.items():
                 self._energy_metrics[k] = self._energy_metrics.get(k, 0.0) + v
             self._energy_count += 1
-        loss = outputs["loss"]
+        else:
+            for k, v in outputs.metrics.items():
+                self._eval_sums[k] = self._eval_sums.get(k, 0.0) + v
+            self._eval_count += 1
+            if outputs.ranking_energies is not None:
+                gathered = self.accelerator.gather_for_metrics(
+                    (outputs.ranking_energies, outputs.policy, inputs["actions"], inputs.get("action_mask")))
+                self._tally.add(*gathered)
+        loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
