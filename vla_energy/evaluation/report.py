@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["write_metrics", "plot_curves", "plot_energy_histograms", "write_report", "plots_available",
-           "write_model_card", "MODEL_CARD_IMAGES", "add_results_to_policy"]
+           "write_model_card", "MODEL_CARD_IMAGES", "add_results_to_policy", "pyplot"]
 
 # Plots of a run that the model card shows when they sit in the policy directory.
 MODEL_CARD_IMAGES = ("loss.png", "accuracy.png", "energy_hist.png")
@@ -26,7 +26,7 @@ def plots_available() -> bool:
     return True
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend, or an ImportError naming the extra to install."""
     try:
         import matplotlib
@@ -49,7 +49,7 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
 
 def plot_curves(path: str | Path, history: Sequence[Mapping[str, float]], keys: Sequence[str], title: str) -> Path:
     """One line per key against the step, from a list of {"step": ..., key: ...} records."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         pts = [(h["step"], h[key]) for h in history if key in h]
@@ -67,7 +67,7 @@ def plot_curves(path: str | Path, history: Sequence[Mapping[str, float]], keys: 
 
 def plot_energy_histograms(path: str | Path, groups: Mapping[str, Sequence[float]], title: str) -> Path:
     """Overlaid energy histograms, e.g. {"positive": [...], "other episodes": [...], "noise0.1": [...]}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in groups.items():
         if len(values):

@@ -66,6 +66,21 @@ def _as_dtype(dtype: str | torch.dtype | None, default: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def base_revision(name: str, config: Any) -> Optional[str]:
+    """The hub commit a base model was loaded from: the config's `_commit_hash` (transformers 4), else the snapshot
+    that refs/main points to in the local hub cache (what from_pretrained(name) loads); None for a local path."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit or Path(name).exists() or name.count("/") != 1:
+        return commit
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if not isinstance(cached, str):
+        return None
+    parts = Path(cached).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
 def save_base(out_dir: str | Path, backbone: nn.Module, loaded: LoadedBackbone) -> Path:
     """The frozen base of a tiny test backbone (no LoRA), once per run, for checkpoints to refer to."""
     from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
@@ -108,8 +123,7 @@ def write_policy(
             save_base(out / "backbone", backbone, loaded)
             info["base_path"] = "backbone"
     else:
-        # The hub commit the base was loaded from (set by transformers for hub / hub-cache loads).
-        info["revision"] = getattr(base.config, "_commit_hash", None)
+        info["revision"] = base_revision(loaded.name, base.config)
         loaded.processor.save_pretrained(out / "processor")
         info["processor"] = "processor"
         # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.

@@ -122,13 +122,17 @@ def _load_trainable(models: list[nn.Module], input_dir: str) -> None:
         path = Path(input_dir) / _weights_name(i)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the checkpoint has fewer models than were prepared")
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        hint = "was it written with other LoRA / use_lora options?"
+        try:
+            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:  # shape mismatches raise even when strict=False
+            raise ValueError(f"{path} does not fit prepared model {i} ({type(model).__name__}): {hint}\n"
+                             f"{str(e)[:1000]}") from e
         frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         lost = [k for k in missing if k not in frozen]
         if unexpected or lost:
-            raise ValueError(f"{path} does not fit prepared model {i} ({type(model).__name__}): trainable entries "
-                             f"missing {lost[:5]}, unknown entries {unexpected[:5]}; was it written with other "
-                             "LoRA / use_lora options?")
+            raise ValueError(f"{path} does not fit prepared model {i} ({type(model).__name__}): {hint} Trainable "
+                             f"entries missing {lost[:5]}, unknown entries {unexpected[:5]}")
     models.clear()  # loaded here: accelerate has nothing left to load
 
 
