@@ -53,7 +53,9 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
 
 
 def _bar(path: Path, values: dict[str, float], title: str, chance: Optional[float] = None) -> None:
-    from vla_energy.evaluation.report import plt
+    from vla_energy.evaluation.report import pyplot
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(list(values), list(values.values()))

@@ -1,24 +1,67 @@
-"""EnergyPolicy: a saved policy (backbone, adapter, heads, normalization) that predicts action chunks."""
+"""EnergyPolicy: a saved policy (backbone, adapter, heads, normalization) that predicts action chunks.
+
+Control API in LeRobot's style: `reset()`, `select_action(observation)` (one action per call from a queue filled
+with a chunk) and `predict_action_chunk(observation, mode=...)`, observations keyed as in LeRobot datasets
+(`observation.images.<camera>`, `observation.state`, `task`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from vla_energy.backbones.readout import backbone_inputs
-from vla_energy.inference.rerank import PREDICT_MODES, propose_candidates, refine, rerank
+from vla_energy.inference.rerank import PREDICT_MODES, Bound, propose_candidates, refine, rerank
 
-__all__ = ["EnergyPolicy"]
+__all__ = ["EnergyPolicy", "candidate_bounds"]
+
+
+def candidate_bounds(norm_stats: Any) -> tuple[Bound, Bound]:
+    """Bounds of candidate chunks in normalized units: [-1, 1] for q01_q99 (normalization clips there); the data's
+    per-dimension range (normalized) for mean_std and none; no bound without statistics."""
+    if norm_stats is None:
+        return None, None
+    if norm_stats.mode == "q01_q99":
+        return -1.0, 1.0
+    low = torch.as_tensor(norm_stats.normalize(np.asarray(norm_stats.min, np.float32)))
+    high = torch.as_tensor(norm_stats.normalize(np.asarray(norm_stats.max, np.float32)))
+    return low, high
+
+
+def _as_pil_list(value: Any, key: str) -> tuple[list[Any], bool]:
+    """Images of one camera -> (list of RGB PIL images, whether it was a single unbatched image).
+
+    Accepts PIL images, uint8 or float (in [0, 1]) arrays / tensors laid out HWC or CHW, batched ([B, ...]) or not,
+    and lists of those."""
+    from PIL import Image
+
+    from vla_energy.data import to_pil_image
+
+    if isinstance(value, Image.Image):
+        return [to_pil_image(value, key)], True
+    if isinstance(value, (list, tuple)):
+        return [_as_pil_list(v, f"{key}[{i}]")[0][0] for i, v in enumerate(value)], False
+    arr = value.detach().cpu().float().numpy() if isinstance(value, Tensor) and value.is_floating_point() else (
+        value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value))
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"{key} has shape {arr.shape}, expected an image (H, W, C) / (C, H, W) or a batch of them")
+    single = arr.ndim == 3
+    frames = arr[None] if single else arr
+    if frames.shape[1] in (1, 3) and frames.shape[-1] not in (1, 3):  # CHW (LeRobot's float tensors)
+        frames = frames.transpose(0, 2, 3, 1)
+    return [to_pil_image(f, key) for f in frames], single
 
 
 class EnergyPolicy:
     """A saved policy (backbone + adapter, action head, energy head, normalization) that predicts action chunks."""
 
-    def __init__(self, loaded: Any, device: str | torch.device = "cpu") -> None:
+    def __init__(self, loaded: Any, device: str | torch.device = "cpu", n_action_steps: Optional[int] = None) -> None:
         from vla_energy.data import VLACollator
 
         self.loaded = loaded
@@ -26,18 +69,35 @@ class EnergyPolicy:
         plugin = loaded.plugin
         self.collator = VLACollator(loaded.processor, horizon=plugin.horizon,
                                     action_token=loaded.info["action_token"])
+        self.n_action_steps = plugin.horizon if n_action_steps is None else int(n_action_steps)
+        if not 1 <= self.n_action_steps <= plugin.horizon:
+            raise ValueError(f"n_action_steps={n_action_steps}, expected 1..horizon={plugin.horizon}")
+        run = loaded.run_config() if hasattr(loaded, "run_config") else None
+        image_key = (run or {}).get("DataConfig", {}).get("image_key")
+        # The cameras the policy was trained on, in their tiling order (None: one unnamed image column).
+        self.cameras = [k.strip() for k in image_key.split(",") if k.strip()] if image_key else None
+        self._queue: deque[Tensor] = deque()
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, device: str | torch.device = "cpu",
-                        trust_remote_code: bool = False) -> EnergyPolicy:
-        """Load from a run directory (runs/<name>/) or its model/ directory."""
+    def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False, dtype: str | torch.dtype | None = None,
+                        revision: Optional[str] = None, n_action_steps: Optional[int] = None) -> EnergyPolicy:
+        """Load a policy: a run directory, its model/, a checkpoint directory, or a hub repo id (snapshot_download;
+        offline it comes from the hub cache), in `dtype` (default: its training dtype) on `device`."""
         from vla_energy.inference.serialization import load_policy
 
-        return cls(load_policy(run_dir, device=device, trust_remote_code=trust_remote_code), device)
+        loaded = load_policy(path_or_repo, device=device, trust_remote_code=trust_remote_code, dtype=dtype,
+                             revision=revision)
+        return cls(loaded, device, n_action_steps)
 
     @property
     def plugin(self):
         return self.loaded.plugin
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the heads (and backbone) as loaded."""
+        return next(self.plugin.action_head.parameters()).dtype
 
     @torch.no_grad()
     def encode(self, images: Sequence[Any], instructions: Sequence[str]):
@@ -49,9 +109,29 @@ class EnergyPolicy:
         texts = [self.collator.prompt(t) for t in instructions]
         pil = [to_pil_image(im) for im in images]
         inputs = self.loaded.processor(text=texts, images=pil, return_tensors="pt", padding=True)
-        batch = {k: v.to(self.device) for k, v in dict(inputs).items()}
+        batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
+                 for k, v in dict(inputs).items()}
         outputs = self.loaded.backbone(**backbone_inputs(batch), output_hidden_states=True)
         return self.plugin.read(outputs, batch)
+
+    def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
+                refine_steps: int, step_size: float, seed: int) -> Tensor:
+        """Normalized chunks [B,H,Da] (float32) from the policy, rerank or refine, candidates within bounds."""
+        if mode not in PREDICT_MODES:
+            raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
+        readout = self.encode(images, instructions)
+        with torch.no_grad():
+            policy, layers = self.plugin.predict_actions(readout)
+        head, ctx, cmask = self.plugin.energy_head, readout.context, readout.context_mask
+        low, high = candidate_bounds(self.loaded.norm_stats)
+        chunk = policy
+        if mode == "rerank":
+            g = torch.Generator(device=policy.device).manual_seed(seed)
+            cands, _ = propose_candidates(policy, layers[:-1], num_samples, sigma, low=low, high=high, generator=g)
+            chunk = rerank(head, ctx, cands, context_mask=cmask).best
+        elif mode == "refine":
+            chunk, _ = refine(head, ctx, policy, refine_steps, step_size, context_mask=cmask, low=low, high=high)
+        return chunk.float()
 
     def predict(
         self,
@@ -66,20 +146,91 @@ class EnergyPolicy:
         normalized: bool = False,
     ) -> np.ndarray:
         """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank or refine."""
-        if mode not in PREDICT_MODES:
-            raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
-        readout = self.encode(images, instructions)
-        with torch.no_grad():
-            policy, layers = self.plugin.predict_actions(readout)
-        head, ctx, cmask = self.plugin.energy_head, readout.context, readout.context_mask
-        chunk = policy
-        if mode == "rerank":
-            g = torch.Generator(device=policy.device).manual_seed(seed)
-            cands, _ = propose_candidates(policy, layers[:-1], num_samples, sigma, generator=g)
-            chunk = rerank(head, ctx, cands, context_mask=cmask).best
-        elif mode == "refine":
-            chunk, _ = refine(head, ctx, policy, refine_steps, step_size, context_mask=cmask)
-        out = chunk.float().cpu().numpy()
+        out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_size, seed).cpu().numpy()
         if normalized or self.loaded.norm_stats is None:
             return out
         return self.loaded.norm_stats.unnormalize(out)
+
+    # LeRobot-style control API ---------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget queued actions (call at the start of every episode)."""
+        self._queue.clear()
+
+    def _parse_observation(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[str], bool]:
+        """(one image per sample, tasks, single) from dataset-keyed observations; several cameras are tiled."""
+        from vla_energy.data.loading import tile_images
+
+        present = [k for k in observation if k.startswith("observation.image")]
+        if self.cameras is not None and all(c in observation for c in self.cameras):
+            keys = self.cameras
+        elif len(present) == 1:
+            keys = present
+        elif not present:
+            raise ValueError(f"observation has no image: expected 'observation.images.<camera>' keys, got "
+                             f"{sorted(observation)}")
+        else:
+            raise ValueError(f"observation has cameras {present}, the policy was trained on "
+                             f"{self.cameras or 'one image'}: pass those keys")
+        per_camera = [_as_pil_list(observation[k], k) for k in keys]
+        single = per_camera[0][1]
+        counts = {k: len(ims) for k, (ims, _) in zip(keys, per_camera)}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"cameras have different batch sizes {counts}")
+        images = [tile_images(list(ims)) if len(ims) > 1 else ims[0] for ims in zip(*(p[0] for p in per_camera))]
+        if "task" not in observation:
+            raise ValueError(f"observation has no 'task' (the instruction string); keys: {sorted(observation)}")
+        task = observation["task"]
+        tasks = [task] * len(images) if isinstance(task, str) else [str(t) for t in task]
+        if len(tasks) != len(images):
+            raise ValueError(f"got {len(tasks)} tasks for {len(images)} observations, expected as many")
+        return images, tasks, single
+
+    def predict_action_chunk(self, observation: Mapping[str, Any], mode: str = "policy", normalized: bool = False,
+                             **kwargs: Any) -> Tensor:
+        """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
+        units (normalized=True: as the model predicts them). kwargs: num_samples, sigma, refine_steps, step_size,
+        seed of the rerank / refine modes."""
+        images, tasks, single = self._parse_observation(observation)
+        opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_size": 0.05, "seed": 0}
+        unknown = sorted(set(kwargs) - set(opts))
+        if unknown:
+            raise TypeError(f"predict_action_chunk got unknown options {unknown}, expected some of {sorted(opts)}")
+        chunk = self._chunks(images, tasks, mode, **{**opts, **kwargs})
+        if not normalized and self.loaded.norm_stats is not None:
+            chunk = self.loaded.norm_stats.unnormalize(chunk)
+        return chunk[0] if single else chunk
+
+    def select_action(self, observation: Mapping[str, Any], mode: str = "policy", **kwargs: Any) -> Tensor:
+        """The next action [Da] ([B,Da] batched): a new chunk is predicted when the queue of n_action_steps
+        actions is empty."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(observation, mode=mode, **kwargs)
+            steps = chunk[: self.n_action_steps] if chunk.dim() == 2 else chunk[:, : self.n_action_steps].transpose(0, 1)
+            self._queue.extend(steps)
+        return self._queue.popleft()
+
+    # Sharing ------------------------------------------------------------------------------------------------------
+
+    def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: str = "Upload vla_energy policy", revision: Optional[str] = None) -> Any:
+        """Upload the policy files (not a checkpoint's optimizer / RNG state) with its model card to a hub model
+        repo (HfApi.create_repo + upload_folder); returns upload_folder's CommitInfo."""
+        from huggingface_hub import HfApi
+
+        from vla_energy.evaluation.report import write_model_card
+        from vla_energy.inference.serialization import POLICY_PATTERNS
+
+        path, info = self.loaded.path, self.loaded.info
+        if path is None:
+            raise ValueError("this policy was not loaded from a directory: save it with save_policy first")
+        base = info.get("base_path")
+        if info.get("tiny_kind") is not None and base and not info.get("merged") and base.startswith(".."):
+            raise ValueError(f"{path} refers to its base weights outside itself ({base}), as run checkpoints do: "
+                             "push the run's model/ directory, which holds them")
+        if not (path / "README.md").exists():
+            write_model_card(path)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(path), repo_type="model",
+                                 allow_patterns=POLICY_PATTERNS, commit_message=commit_message, revision=revision)

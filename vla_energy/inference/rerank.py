@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,22 @@ from vla_energy.checks import check_tensor
 __all__ = ["RerankResult", "rerank", "propose_candidates", "refine", "PREDICT_MODES"]
 
 PREDICT_MODES = ("policy", "rerank", "refine")
+# A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
+Bound = Union[float, Tensor, None]
+
+
+def _check_bounds(low: Bound, high: Bound) -> None:
+    if low is not None and high is not None and bool(torch.any(torch.as_tensor(low) > torch.as_tensor(high))):
+        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+
+
+def _clamp(x: Tensor, low: Bound, high: Bound) -> Tensor:
+    """x clamped to [low, high] (tensor bounds broadcast over the last dim); unchanged when both are None."""
+    if low is None and high is None:
+        return x
+    if isinstance(low, Tensor) or isinstance(high, Tensor):  # torch.clamp takes two numbers or two tensors
+        low, high = (None if b is None else torch.as_tensor(b).to(x) for b in (low, high))
+    return x.clamp(low, high)
 
 
 @dataclass
@@ -46,14 +62,14 @@ def propose_candidates(
     layer_actions: Optional[Sequence[Tensor]] = None,
     num_samples: int = 16,
     sigma: float = 0.1,
-    low: float = -1.0,
-    high: float = 1.0,
+    low: Bound = -1.0,
+    high: Bound = 1.0,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, list[str]]:
-    """Candidates [B,K,H,Da]: the policy chunk, its layer-wise predictions, Gaussian perturbations; in bounds."""
+    """Candidates [B,K,H,Da]: the policy chunk, its layer-wise predictions, Gaussian perturbations; in bounds
+    (floats, per-dimension tensors [Da], or None for no bound)."""
     check_tensor("policy", policy, ("B", "H", "Da"))
-    if low > high:
-        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+    _check_bounds(low, high)
     if sigma < 0 or num_samples < 0:
         raise ValueError(f"sigma={sigma} and num_samples={num_samples} must be >= 0")
     cands, types = [policy], ["policy"]
@@ -67,7 +83,7 @@ def propose_candidates(
         noise = torch.randn(policy.shape, generator=generator, device=policy.device, dtype=policy.dtype)
         cands.append(policy + sigma * noise)
         types.append(f"perturb{k}")
-    return torch.stack(cands, dim=1).clamp(low, high), types
+    return _clamp(torch.stack(cands, dim=1), low, high), types
 
 
 def refine(
@@ -79,8 +95,8 @@ def refine(
     context_mask: Optional[Tensor] = None,
     action_mask: Optional[Tensor] = None,
     max_step: float = 0.1,
-    low: float = -1.0,
-    high: float = 1.0,
+    low: Bound = -1.0,
+    high: Bound = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Gradient descent on E(context, a) w.r.t. a [B,H,Da]; per-step clipped and kept in [low, high].
 
@@ -88,11 +104,10 @@ def refine(
     never increases. No parameter gradients are created. Returns (refined actions, energies [steps+1, B]).
     """
     check_tensor("actions", actions, ("B", "H", "Da"), B=context.shape[0])
-    if low > high:
-        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+    _check_bounds(low, high)
     if steps < 0 or step_size <= 0 or max_step <= 0:
         raise ValueError(f"steps={steps}, step_size={step_size}, max_step={max_step}: need >= 0, > 0, > 0")
-    a = actions.detach().clamp(low, high).clone()
+    a = _clamp(actions.detach(), low, high).clone()
     lr = torch.full((a.shape[0], 1, 1), float(step_size), device=a.device, dtype=a.dtype)
     with torch.no_grad():
         energy = head(context, a, context_mask=context_mask, action_mask=action_mask)
@@ -102,7 +117,7 @@ def refine(
             x = a.clone().requires_grad_(True)
             e = head(context, x, context_mask=context_mask, action_mask=action_mask)
             (grad,) = torch.autograd.grad(e.sum(), x)
-        proposal = (a - (lr * grad).clamp(-max_step, max_step)).clamp(low, high)
+        proposal = _clamp(a - (lr * grad).clamp(-max_step, max_step), low, high)
         with torch.no_grad():
             new_energy = head(context, proposal, context_mask=context_mask, action_mask=action_mask)
         better = new_energy <= energy

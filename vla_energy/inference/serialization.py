@@ -1,4 +1,17 @@
-"""Save / load a finetuned policy directory: LoRA adapter, heads (safetensors), normalization, plugin config."""
+"""Save / load a self-contained policy directory: base reference or weights, processor, LoRA adapter, heads
+(safetensors), normalization statistics, plugin and run configuration, model card.
+
+Layout (policy_config.json says which parts are present):
+
+    policy_config.json       base (name, revision or a relative path), action token, dtype, plugin settings
+    processor/               the processor with the action token (real HF backbones)
+    backbone/                the base weights of a tiny test backbone (or a relative `base_path` to them)
+    merged/                  merge_lora: the backbone with the adapter merged (loaded instead of base + adapter)
+    adapter/                 peft LoRA adapter
+    action_token_embedding.safetensors   the action token's embedding row (real tokenizers)
+    action_head/ energy_head/            heads (save_pretrained)
+    norm_stats.json  run_config.json  README.md
+"""
 
 from __future__ import annotations
 
@@ -21,9 +34,16 @@ from vla_energy.modeling.action_head import ActionHead
 from vla_energy.modeling.modeling_energy_head import EnergyHead
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
-__all__ = ["save_policy", "load_policy", "LoadedPolicy", "POLICY_CONFIG"]
+__all__ = ["save_policy", "write_policy", "save_base", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
+           "POLICY_CONFIG", "POLICY_PATTERNS", "DTYPES"]
 
 POLICY_CONFIG = "policy_config.json"
+FORMAT_VERSION = 2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What belongs to a policy (a checkpoint directory also holds optimizer, RNG and trainable-state files).
+POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "backbone/*", "merged/*", "adapter/*", "action_head/*",
+                   "energy_head/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
+                   "README.md", "metrics.json", "*.png"]
 
 
 def _base_model(backbone: nn.Module) -> nn.Module:
@@ -32,46 +52,141 @@ def _base_model(backbone: nn.Module) -> nn.Module:
     return clone.unload() if isinstance(clone, PeftModel) else clone
 
 
-def save_policy(
-    out_dir: str | Path,
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, "float32")
+
+
+def _as_dtype(dtype: str | torch.dtype | None, default: str) -> torch.dtype:
+    """A torch dtype from a name or dtype; a clear error naming the accepted names."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = default if dtype is None else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}, expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def base_revision(name: str, config: Any) -> Optional[str]:
+    """The hub commit a base model was loaded from: the config's `_commit_hash` (transformers 4), else the snapshot
+    that refs/main points to in the local hub cache (what from_pretrained(name) loads); None for a local path."""
+    commit = getattr(config, "_commit_hash", None)
+    if commit or Path(name).exists() or name.count("/") != 1:
+        return commit
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if not isinstance(cached, str):
+        return None
+    parts = Path(cached).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def save_base(out_dir: str | Path, backbone: nn.Module, loaded: LoadedBackbone) -> Path:
+    """The frozen base of a tiny test backbone (no LoRA), once per run, for checkpoints to refer to."""
+    from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
+
+    if loaded.tiny_kind is None:
+        raise ValueError("save_base is for tiny backbones; a real backbone is referred to by name and revision")
+    return save_tiny_vlm(TinyVLM(_base_model(backbone), loaded.processor, loaded.tiny_kind), out_dir)
+
+
+def write_policy(
+    out: str | Path,
     backbone: nn.Module,
     plugin: EnergyPlugin,
     norm_stats: Any,
     loaded: LoadedBackbone,
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     merge_lora: bool = False,
+    base_dir: Optional[str | Path] = None,
+    final_dir: Optional[str | Path] = None,
+    run_config: Optional[str | Path] = None,
 ) -> Path:
-    """Write the policy directory atomically (a temp directory, then a rename)."""
+    """Write the policy files into the existing directory `out`.
+
+    base_dir: a tiny backbone's base saved by save_base, referred to by a path relative to `final_dir` (where `out`
+    ends up) instead of copied; run_config: the run's run_config.json, copied (dataset, cameras, training options).
+    """
+    out = Path(out)
+    base = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    info: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "backbone": loaded.name, "revision": None, "tiny_kind": loaded.tiny_kind,
+        "base_path": None, "processor": None, "merged": bool(merge_lora and is_peft(backbone)),
+        "action_token": loaded.action_token, "action_token_id": loaded.action_token_id,
+        "has_adapter": is_peft(backbone), "dtype": _dtype_name(next(base.parameters()).dtype),
+        "plugin": plugin.config_dict(),
+    }
+    if loaded.tiny_kind is not None:
+        if base_dir is not None:
+            info["base_path"] = os.path.relpath(Path(base_dir).resolve(), Path(final_dir or out).resolve())
+        else:
+            save_base(out / "backbone", backbone, loaded)
+            info["base_path"] = "backbone"
+    else:
+        info["revision"] = base_revision(loaded.name, base.config)
+        loaded.processor.save_pretrained(out / "processor")
+        info["processor"] = "processor"
+        # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
+        emb = base.get_input_embeddings().weight[loaded.action_token_id].detach().float().cpu().contiguous()
+        save_file({"action_token_embedding": emb}, str(out / "action_token_embedding.safetensors"))
+    if is_peft(backbone):
+        backbone.save_pretrained(out / "adapter")
+    if info["merged"]:
+        merged = copy.deepcopy(backbone).merge_and_unload()
+        if loaded.tiny_kind is not None:
+            from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
+
+            save_tiny_vlm(TinyVLM(merged, loaded.processor, loaded.tiny_kind), out / "merged")
+        else:
+            merged.save_pretrained(out / "merged")
+    unwrap(plugin.action_head).save_pretrained(out / "action_head")
+    unwrap(plugin.energy_head).save_pretrained(out / "energy_head")
+    if norm_stats is not None:
+        norm_stats.save(out / "norm_stats.json")
+    if run_config is not None and Path(run_config).exists():
+        shutil.copyfile(run_config, out / "run_config.json")
+    (out / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
+    from vla_energy.evaluation.report import write_model_card
+
+    write_model_card(out)
+    return out
+
+
+def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """write_policy into a temp directory, then an atomic rename to `out_dir`."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    info: dict[str, Any] = {
-        "backbone": loaded.name, "tiny_kind": loaded.tiny_kind, "action_token": loaded.action_token,
-        "action_token_id": loaded.action_token_id, "has_adapter": is_peft(backbone), "plugin": plugin.config_dict(),
-    }
-    if loaded.tiny_kind is not None:
-        from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
-
-        save_tiny_vlm(TinyVLM(_base_model(backbone), loaded.processor, loaded.tiny_kind), tmp / "backbone")
-    else:
-        # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
-        emb = backbone.get_input_embeddings().weight[loaded.action_token_id].detach().cpu().contiguous()
-        save_file({"action_token_embedding": emb}, str(tmp / "action_token_embedding.safetensors"))
-    if is_peft(backbone):
-        backbone.save_pretrained(tmp / "adapter")
-    if merge_lora and is_peft(backbone):
-        copy.deepcopy(backbone).merge_and_unload().save_pretrained(tmp / "merged")
-    unwrap(plugin.action_head).save_pretrained(tmp / "action_head")
-    unwrap(plugin.energy_head).save_pretrained(tmp / "energy_head")
-    if norm_stats is not None:
-        norm_stats.save(tmp / "norm_stats.json")
-    (tmp / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
+    write_policy(tmp, *args, final_dir=out, **kwargs)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,
+                             loaded: LoadedBackbone, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m
+                             ) -> Callable[[Path, Path], Path]:
+    """save_checkpoint's policy_writer: the policy files into a checkpoint, without a copy of the frozen base (a
+    tiny backbone's base is written once to <run_dir>/base/ and referred to; a real one by name and revision)."""
+    run_dir = Path(run_dir)
+
+    def write(tmp: Path, final: Path) -> Path:
+        base_dir = None
+        if loaded.tiny_kind is not None:
+            base_dir = run_dir / "base"
+            if not base_dir.is_dir():
+                staging = run_dir / "base.tmp"
+                if staging.exists():
+                    shutil.rmtree(staging)
+                save_base(staging, backbone, loaded)
+                os.replace(staging, base_dir)
+        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, base_dir=base_dir, final_dir=final,
+                            run_config=run_dir / "run_config.json")
+
+    return write
 
 
 @dataclass
@@ -83,7 +198,7 @@ class LoadedPolicy:
     plugin: EnergyPlugin
     norm_stats: Optional[Any]
     info: dict[str, Any]
-
+    path: Optional[Path] = None
 
     def loaded_backbone(self) -> LoadedBackbone:
         """The backbone (without adapter) and its action token, as load_backbone returns them."""
@@ -92,33 +207,96 @@ class LoadedPolicy:
         return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"],
                               info["tiny_kind"])
 
+    def run_config(self) -> Optional[dict[str, Any]]:
+        """The training run's options (run_config.json), when the policy carries them."""
+        path = None if self.path is None else self.path / "run_config.json"
+        return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def resolve_policy_dir(path_or_repo: str | Path, revision: Optional[str] = None) -> Path:
+    """A local policy directory (a run directory's model/ too), or a hub repo id through snapshot_download
+    (offline, HF_HUB_OFFLINE=1, it is served from the local hub cache)."""
+    path = Path(path_or_repo)
+    if path.exists():
+        if not (path / POLICY_CONFIG).exists() and (path / "model" / POLICY_CONFIG).exists():
+            path = path / "model"
+        if not (path / POLICY_CONFIG).exists():
+            raise FileNotFoundError(f"{path} is not a saved vla_energy policy (no {POLICY_CONFIG})")
+        return path
+    if str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo!r} is neither a local directory nor a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=POLICY_PATTERNS))
+    except Exception as e:  # offline without a cached copy, unknown repo, ...
+        raise FileNotFoundError(f"{path_or_repo!r} is not a local directory, and downloading it from the hub "
+                                f"failed ({type(e).__name__}: {e})") from e
+    if not (local / POLICY_CONFIG).exists():
+        raise FileNotFoundError(f"hub repo {path_or_repo!r} has no {POLICY_CONFIG}: not a vla_energy policy")
+    return local
+
+
+def _load_real_base(path: Path, info: dict[str, Any], dtype: torch.dtype, trust_remote_code: bool
+                    ) -> tuple[nn.Module, Any]:
+    """The base named in the policy (at its recorded revision) or the merged weights, with the saved processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name, revision = info["backbone"], info.get("revision")
+    processor_dir = path / (info.get("processor") or "processor")
+    processor = (AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
+                 if processor_dir.is_dir() else
+                 AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code))
+    source = path / "merged" if info.get("merged") else name
+    model = AutoModelForImageTextToText.from_pretrained(source, revision=None if info.get("merged") else revision,
+                                                        dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if info["action_token"] not in tokenizer.get_vocab():  # an old policy without processor/
+        tokenizer.add_tokens([info["action_token"]], special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    token_id = int(tokenizer.convert_tokens_to_ids(info["action_token"]))
+    if token_id != info["action_token_id"]:
+        raise ValueError(f"{path}: the tokenizer maps {info['action_token']!r} to id {token_id}, the policy was "
+                         f"trained with id {info['action_token_id']}: the base model {name!r} changed; pin its "
+                         "revision or save the policy with merge_lora")
+    if not info.get("merged"):
+        row = load_file(str(path / "action_token_embedding.safetensors"))["action_token_embedding"]
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[token_id] = row.to(weight.dtype)
+    return model, processor
+
 
 def load_policy(
-    path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False, trainable: bool = False
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    trainable: bool = False,
+    dtype: str | torch.dtype | None = None,
+    revision: Optional[str] = None,
 ) -> LoadedPolicy:
-    """Load what save_policy wrote; a run directory (with model/) works too. trainable: LoRA and heads in train mode."""
-    path = Path(path)
-    if not (path / POLICY_CONFIG).exists() and (path / "model" / POLICY_CONFIG).exists():
-        path = path / "model"
-    if not (path / POLICY_CONFIG).exists():
-        raise FileNotFoundError(f"{path} is not a saved vla_energy policy (no {POLICY_CONFIG})")
+    """Load what save_policy wrote (a run directory, a checkpoint, or a hub repo id), in `dtype` (default: the
+    dtype it was trained in) on `device`. trainable: LoRA and heads in train mode."""
+    path = resolve_policy_dir(path, revision)
     info = json.loads((path / POLICY_CONFIG).read_text())
+    torch_dtype = _as_dtype(dtype, info.get("dtype", "float32"))
+    merged = bool(info.get("merged")) and (path / "merged").is_dir()
+    info["merged"] = merged
+    if merged:
+        info["has_adapter"] = False  # the adapter is inside the merged weights
     if info["tiny_kind"] is not None:
         from vla_energy.testing.tiny_vlms import load_tiny_vlm
 
-        tiny = load_tiny_vlm(path / "backbone")
-        backbone, processor = tiny.model, tiny.processor
+        base = path / "merged" if merged else (path / (info.get("base_path") or "backbone")).resolve()
+        if not base.is_dir():
+            raise FileNotFoundError(f"{path}: its base backbone {base} is missing (a checkpoint refers to the run's "
+                                    "base/ directory: keep the run directory together, or load the run's model/)")
+        tiny = load_tiny_vlm(base)
+        backbone, processor = tiny.model.to(torch_dtype), tiny.processor
     else:
-        from vla_energy.backbones.loading import load_backbone
-
-        loaded = load_backbone(info["backbone"], trust_remote_code=trust_remote_code,
-                               action_token=info["action_token"])
-        backbone, processor = loaded.model, loaded.processor
-        row = load_file(str(path / "action_token_embedding.safetensors"))["action_token_embedding"]
-        with torch.no_grad():
-            backbone.get_input_embeddings().weight[loaded.action_token_id] = row.to(
-                backbone.get_input_embeddings().weight.dtype)
-    if info["has_adapter"]:
+        backbone, processor = _load_real_base(path, info, torch_dtype, trust_remote_code)
+    if info["has_adapter"] and not merged:
         backbone = PeftModel.from_pretrained(backbone, path / "adapter", is_trainable=trainable)
     plugin_cfg = info["plugin"]
     plugin = EnergyPlugin.from_pretrained_heads(
@@ -133,5 +311,5 @@ def load_policy(
 
         norm_stats = NormStats.load(path / "norm_stats.json")
     for module in (backbone, plugin.action_head, plugin.energy_head):
-        module.to(device).train(trainable)
-    return LoadedPolicy(backbone, processor, plugin, norm_stats, info)
+        module.to(device=device, dtype=torch_dtype).train(trainable)
+    return LoadedPolicy(backbone, processor, plugin, norm_stats, info, path)

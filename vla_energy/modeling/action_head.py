@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from vla_energy.checks import check_tensor
 
@@ -77,3 +77,9 @@ class ActionHead(PreTrainedModel):
             check_tensor("hidden", hidden, ("B", "H", "D"), H=cfg.horizon, D=cfg.hidden_size)
         flat = hidden.to(self.dtype).reshape(*hidden.shape[:-2], cfg.horizon * cfg.hidden_size)
         return self.out(self.blocks(self.inp(flat))).view(*hidden.shape[:-2], cfg.horizon, cfg.action_dim)
+
+
+# Known to the Auto classes: AutoConfig / AutoModel.from_pretrained(<action_head dir>) once vla_energy.modeling is
+# imported.
+AutoConfig.register(ActionHeadConfig.model_type, ActionHeadConfig, exist_ok=True)
+AutoModel.register(ActionHeadConfig, ActionHead, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from vla_energy.checks import check_mask, check_tensor
 from vla_energy.modeling.configuration_energy_head import EnergyHeadConfig
@@ -209,3 +209,9 @@ class EnergyHead(PreTrainedModel):
         if cfg.energy_activation == "softplus":
             return F.softplus(cfg.energy_input_scale * raw) * cfg.energy_scale + cfg.energy_offset
         return raw
+
+
+# Known to the Auto classes: AutoConfig / AutoModel.from_pretrained(<energy_head dir>) once vla_energy.modeling is
+# imported.
+AutoConfig.register(EnergyHeadConfig.model_type, EnergyHeadConfig, exist_ok=True)
+AutoModel.register(EnergyHeadConfig, EnergyHead, exist_ok=True)

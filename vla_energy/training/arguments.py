@@ -133,6 +133,11 @@ class TrainArguments:
     schedule_end_lr_scale: float = field(default=0.5, metadata={"help": "Energy lr scale after the ramp."})
     schedule_start_max_grad_norm: float = field(default=0.3, metadata={"help": "Energy grad clip at the start."})
     schedule_end_max_grad_norm: float = field(default=0.5, metadata={"help": "Energy grad clip after the ramp."})
+    eval_strategy: str = field(
+        default="steps",
+        metadata={"help": "no | steps: evaluate every eval_steps and at the end, or never (val_fraction 0 also "
+                          "skips it). What the evaluation needs is checked before training starts."},
+    )
     eval_steps: int = field(default=100, metadata={"help": "Evaluate every N optimizer steps (0: only at the end)."})
     eval_max_samples: int = field(default=256, metadata={"help": "Held-out samples used for evaluation."})
     eval_num_negatives: int = field(default=31, metadata={"help": "Pool of chunks from other episodes (chance 1/32)."})
@@ -175,6 +180,10 @@ class TrainArguments:
                      "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
+        from vla_energy.training.preflight import EVAL_STRATEGIES
+
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ValueError(f"eval_strategy={self.eval_strategy!r}, expected one of {EVAL_STRATEGIES}")
         if self.stop_after_steps < 0:
             raise ValueError(f"stop_after_steps={self.stop_after_steps}, expected >= 0")
         if self.save_total_limit is not None and self.save_total_limit < 1:

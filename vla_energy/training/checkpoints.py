@@ -1,4 +1,9 @@
-"""Atomic checkpoints around accelerator.save_state, finding the latest complete one, and the loop's state."""
+"""Atomic checkpoints around accelerator.save_state, finding the latest complete one, and the loop's state.
+
+Checkpoints hold what training changes: `register_checkpoint_hooks` makes accelerator.save_state write, per prepared
+model, only its trainable parameters and its buffers (LoRA adapter and heads; the full backbone only when it is
+trained in full); load_state restores them onto a model whose frozen part was rebuilt from the base checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["TrainState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "save_states", "load_states",
-           "COMPLETE_MARKER", "rotate_checkpoints"]
+           "COMPLETE_MARKER", "rotate_checkpoints", "register_checkpoint_hooks", "trainable_keys",
+           "find_resume_checkpoint"]
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 
@@ -87,9 +93,64 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict:
     return out
 
 
+def trainable_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that training changes: parameters with requires_grad (every alias) and all buffers."""
+    keys = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return keys | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def _weights_name(index: int) -> str:
+    """accelerate's own file names (model.safetensors, model_1.safetensors, ...)."""
+    return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+
+
+def _save_trainable(models: list[nn.Module], weights: list[dict[str, Tensor]], output_dir: str) -> None:
+    """save_state pre-hook: write each model's trainable part, then leave accelerate no full state dict to write."""
+    if PartialState().is_main_process:
+        for i, (model, state) in enumerate(zip(models, weights)):
+            keep = trainable_keys(model)
+            # clone: tied aliases share storage, which safetensors refuses to write
+            kept = {k: v.detach().cpu().clone().contiguous() for k, v in state.items() if k in keep}
+            save_file(kept, str(Path(output_dir) / _weights_name(i)),
+                      metadata={"format": "pt", "vla_energy": "trainable", "frozen_entries": str(len(state) - len(kept))})
+    weights.clear()
+
+
+def _load_trainable(models: list[nn.Module], input_dir: str) -> None:
+    """load_state pre-hook: load each model's saved part; everything missing must be frozen (it comes from the base)."""
+    for i, model in enumerate(models):
+        path = Path(input_dir) / _weights_name(i)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint has fewer models than were prepared")
+        hint = "was it written with other LoRA / use_lora options?"
+        try:
+            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:  # shape mismatches raise even when strict=False
+            raise ValueError(f"{path} does not fit prepared model {i} ({type(model).__name__}): {hint}\n"
+                             f"{str(e)[:1000]}") from e
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        lost = [k for k in missing if k not in frozen]
+        if unexpected or lost:
+            raise ValueError(f"{path} does not fit prepared model {i} ({type(model).__name__}): {hint} Trainable "
+                             f"entries missing {lost[:5]}, unknown entries {unexpected[:5]}")
+    models.clear()  # loaded here: accelerate has nothing left to load
+
+
+def register_checkpoint_hooks(accelerator: Accelerator) -> None:
+    """Make save_state/load_state keep only what training changes (works for separately prepared modules and for
+    one prepared model; FSDP and DeepSpeed save through their own paths and are left to them)."""
+    accelerator.register_save_state_pre_hook(_save_trainable)
+    accelerator.register_load_state_pre_hook(_load_trainable)
+
+
 def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int,
-                    states: Optional[dict[str, Any]] = None) -> Path:
-    """accelerator.save_state (+ `states` as safetensors/JSON) into `directory.tmp`, a marker, an atomic rename."""
+                    states: Optional[dict[str, Any]] = None,
+                    policy_writer: Optional[Callable[[Path, Path], Any]] = None) -> Path:
+    """accelerator.save_state (+ `states` as safetensors/JSON) into `directory.tmp`, a marker, an atomic rename.
+
+    `policy_writer(tmp_dir, final_dir)`, run on the main process, adds the policy files, so that the checkpoint
+    also loads with EnergyPolicy.from_pretrained.
+    """
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -99,6 +160,8 @@ def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_states(tmp, states or {})
+        if policy_writer is not None:
+            policy_writer(tmp, final)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
         if final.exists():
             shutil.rmtree(final)
@@ -147,3 +210,16 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
             f"Use --resume_from latest to pick the newest complete one"
         )
     return path
+
+
+def find_resume_checkpoint(resume_from: Optional[str], run_dir: Path,
+                           log: Callable[[str], Any] = print) -> Optional[Path]:
+    """The checkpoint to resume from, or None: `latest` before any checkpoint exists (a requeued job's first
+    launch) starts fresh with a log line instead of failing."""
+    if not resume_from:
+        return None
+    if resume_from == "latest" and latest_checkpoint(run_dir / "checkpoints") is None:
+        log(f"--resume_from_checkpoint latest: no complete checkpoint under {run_dir / 'checkpoints'} yet, "
+            "starting from step 0")
+        return None
+    return resolve_resume(resume_from, run_dir)

@@ -30,20 +30,29 @@ from vla_energy.data import VLACollator, build_datasets
 from vla_energy.data.normalization import NormStats
 from vla_energy.evaluation.metrics import spread_indices
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
-from vla_energy.evaluation.report import plot_curves, plot_energy_histograms, write_metrics, write_report
-from vla_energy.inference.serialization import load_policy, save_policy
+from vla_energy.evaluation.report import (
+    add_results_to_policy,
+    plot_curves,
+    plot_energy_histograms,
+    plots_available,
+    write_metrics,
+    write_report,
+)
+from vla_energy.inference.serialization import checkpoint_policy_writer, load_policy, save_policy
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.arguments import parse_config, save_run_config
+from vla_energy.training.arguments import RUN_CONFIG, parse_config, save_run_config
 from vla_energy.training.checkpoints import (
     TrainState,
+    find_resume_checkpoint,
     load_states,
-    resolve_resume,
+    register_checkpoint_hooks,
     rotate_checkpoints,
     save_checkpoint,
 )
 from vla_energy.training.clipping import clip_group_
 from vla_energy.training.nonfinite import all_finite
 from vla_energy.training.plugin import EnergyPlugin
+from vla_energy.training.preflight import check_evaluation, check_trackers
 from vla_energy.training.schedule import ProgressiveSchedule
 from vla_energy.training.unused import check_unused_parameters
 
@@ -54,6 +63,7 @@ DDP_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, lora_args, energy_args, train = parse_config(argv)
     run_dir = Path(train.output_dir) / train.run_name
+    check_trackers(train.report_to)
     accelerator = Accelerator(
         # Without CUDA, `accelerate launch --multi_gpu` processes must run as MULTI_CPU (gloo), not alone.
         cpu=not torch.cuda.is_available(),
@@ -63,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train.ddp_find_unused_parameters)],
     )
+    register_checkpoint_hooks(accelerator)  # checkpoints hold what training changes, not the frozen base
     set_seed(train.seed)  # identical initial weights on every process
     main_proc = accelerator.is_main_process
     engine_clips = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -100,9 +111,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                           num_workers=train.dataloader_num_workers)
     # Evenly spaced over the held-out split, so that every validation episode is represented; each sample carries
     # its ranking candidates, so that every rank evaluates its share through the (possibly sharded) model.
-    eval_ds = RankingDataset(val_ds.select(spread_indices(len(val_ds), train.eval_max_samples)),
-                             train.eval_num_negatives, seed=data_args.data_seed)
-    eval_dl = DataLoader(eval_ds, batch_size=train.per_device_eval_batch_size, collate_fn=RankingCollator(collator))
+    eval_rows = val_ds.select(spread_indices(len(val_ds), train.eval_max_samples))
+    # Pre-flight: an evaluation that cannot run fails now, not after training.
+    evaluating = check_evaluation(train.eval_strategy, eval_rows["episode_index"] if len(eval_rows) else [],
+                                  train.eval_num_negatives, log=accelerator.print)
+    eval_dl = None
+    if evaluating:
+        eval_ds = RankingDataset(eval_rows, train.eval_num_negatives, seed=data_args.data_seed)
+        eval_dl = DataLoader(eval_ds, batch_size=train.per_device_eval_batch_size,
+                             collate_fn=RankingCollator(collator))
 
     optimizer = torch.optim.AdamW(
         param_groups(model.backbone, model.action_head, plugin.energy_modules(), train.learning_rate,
@@ -118,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # One prepare: the whole model with its optimizer (FSDP2 shards both together; DeepSpeed builds one engine).
     # The scheduler is stepped by hand once per optimizer step, so its steps are optimizer steps at any world size.
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
     net = accelerator.unwrap_model(model)
     # After prepare: FSDP2 has swapped the parameters for sharded DTensors.
     policy_params, energy_params = net.policy_parameters(), net.energy_parameters()
@@ -126,8 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = TrainState()
     extra_states = {"lr_scheduler": lr_scheduler, "energy_plugin": plugin, "train_state": state}
 
-    if train.resume_from_checkpoint:
-        checkpoint = resolve_resume(train.resume_from_checkpoint, run_dir)
+    # `latest` on a requeued job's first launch (no checkpoint yet) starts fresh.
+    checkpoint = find_resume_checkpoint(train.resume_from_checkpoint, run_dir, log=accelerator.print)
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         load_states(checkpoint, extra_states)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -221,14 +241,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 progress.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged.get('energy/acc', 0):.2f}")
             running.clear()
 
-            if train.eval_steps and state.step % train.eval_steps == 0 and state.step < train.max_steps:
+            if evaluating and train.eval_steps and state.step % train.eval_steps == 0 and state.step < train.max_steps:
                 ev, _ = run_eval()
                 accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=state.step)
                 state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in ev.items()}})
             stopping = state.step >= stop_at
             if (train.save_steps and state.step % train.save_steps == 0) or (stopping and stop_at < train.max_steps):
+                # Every checkpoint is also a policy (EnergyPolicy.from_pretrained(<checkpoint>)); with sharded weights
+                # only the final model/ is (no rank holds the full weights at a checkpoint).
+                writer = None if weights_sharded(accelerator) else checkpoint_policy_writer(
+                    run_dir, net.backbone, plugin, norm_stats, loaded, unwrap=accelerator.unwrap_model)
                 save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step,
-                                extra_states)
+                                extra_states, policy_writer=writer)
                 if main_proc:
                     rotate_checkpoints(run_dir / "checkpoints", train.save_total_limit)
             if stopping:
@@ -241,12 +265,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.end_training()
         return {}
 
-    final, tally = run_eval()
-    accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=state.step)
-    state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in final.items()}})
     saved = policy_module(accelerator, model, build_model)  # every rank takes part when weights are sharded
     if main_proc:
-        save_policy(run_dir / "model", saved.backbone, saved.plugin, norm_stats, loaded)
+        # Saved before the final evaluation: an evaluation error does not lose the trained policy.
+        save_policy(run_dir / "model", saved.backbone, saved.plugin, norm_stats, loaded, run_config=run_dir / RUN_CONFIG)
+    final: dict[str, float] = {}
+    tally = None
+    if evaluating:
+        final, tally = run_eval()
+        accelerator.log({f"eval/{k}": v for k, v in final.items()}, step=state.step)
+        state.history.append({"step": state.step, **{f"eval/{k}": v for k, v in final.items()}})
+    if main_proc:
         final.update({
             "steps": float(state.step), "world_size": float(accelerator.num_processes),
             "local_batch": float(train.per_device_train_batch_size), "grad_accum": float(train.gradient_accumulation_steps),
@@ -256,8 +285,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                             if "energy/num_negatives" in h), math.nan),
         })
         write_outputs(run_dir, final, state.history, tally, train.eval_num_negatives)
+        add_results_to_policy(run_dir / "model", final, run_dir)
         accelerator.print(f"top-1 accuracy {final['top1_acc']:.3f} (chance {final['chance_acc']:.3f}); "
-                          f"report: {run_dir / 'report.md'}")
+                          f"report: {run_dir / 'report.md'}" if evaluating else
+                          f"no evaluation; report: {run_dir / 'report.md'}")
     model = net = saved = release_ddp(accelerator, model)
     gc.collect()  # DDP wrappers sit in reference cycles: free them while every process still holds the group
     accelerator.wait_for_everyone()
@@ -321,10 +352,19 @@ def start_from_policy(path: str, trust_remote_code: bool, lora_args: LoraArgumen
 
 
 def write_outputs(run_dir: Path, final: dict, history: list[dict], outputs, num_negatives: int) -> None:
-    """metrics.json, learning curves, energy histograms and report.md."""
+    """metrics.json, learning curves, energy histograms (with the plots extra) and report.md; `outputs` is None
+    when the run did not evaluate."""
     write_metrics(run_dir / "metrics.json", {**final, "history": history})
+    if not plots_available():
+        print("matplotlib is not installed: no plots (pip install 'vla_energy[plots]')")
+        write_report(run_dir / "report.md", f"vla_energy run `{run_dir.name}`", final, [])
+        return
     plot_curves(run_dir / "loss.png", history, ["loss", "l1", "energy_loss", "energy/loss_floor"], "training loss")
     plot_curves(run_dir / "accuracy.png", history, ["energy/acc", "eval/top1_acc", "eval/chance_acc"], "accuracy")
+    if outputs is None:
+        write_report(run_dir / "report.md", f"vla_energy run `{run_dir.name}`", final, ["loss.png", "accuracy.png"],
+                     notes=["No evaluation (eval_strategy no, or no validation split)."])
+        return
     e = outputs.ranking_energies()
     plot_energy_histograms(run_dir / "energy_hist.png",
                            {"positive": e[:, 0].tolist(), "other episodes": e[:, 1:].flatten().tolist()},

@@ -1,0 +1,249 @@
+"""Checkpoints hold what training changed and load as policies; self-contained policy dirs, dtype, select_action,
+candidate bounds per normalization mode, evaluation pre-flight, Auto classes, optional extras."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load_file
+
+from vla_energy.backbones.loading import load_backbone
+from vla_energy.backbones.lora import LoraArguments, apply_lora
+from vla_energy.backbones.readout import hidden_size_of
+from vla_energy.data.normalization import NormStats
+from vla_energy.inference.policy import EnergyPolicy, candidate_bounds
+from vla_energy.inference.rerank import propose_candidates
+from vla_energy.inference.serialization import checkpoint_policy_writer, save_policy
+from vla_energy.training.checkpoints import (
+    find_resume_checkpoint,
+    register_checkpoint_hooks,
+    save_checkpoint,
+    trainable_keys,
+)
+from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.training.preflight import check_evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+H, DA = 4, 3
+STATS = NormStats("mean_std", [0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [-1.0] * 3, [1.0] * 3, [-3.0, -5.0, -8.0],
+                  [3.0, 7.0, 11.0], 100)
+
+
+def _model(lora_r: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    loaded = load_backbone("tiny-llava", seed=0)
+    backbone = apply_lora(loaded.model, LoraArguments(lora_r=lora_r))
+    plugin = EnergyPlugin(EnergyArguments(energy_hidden_dim=32, action_head_dim=32), hidden_size_of(loaded.model), DA,
+                          H, loaded.action_token_id)
+    return loaded, backbone, plugin
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _prepare(lora_r: int = 4, seed: int = 0):
+    accelerator = Accelerator(cpu=True)
+    register_checkpoint_hooks(accelerator)
+    loaded, backbone, plugin = _model(lora_r, seed)
+    params = [p for m in (backbone, plugin.action_head, plugin.energy_head) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    backbone, plugin.action_head, plugin.energy_head, optimizer = accelerator.prepare(
+        backbone, plugin.action_head, plugin.energy_head, optimizer)
+    return accelerator, loaded, backbone, plugin, optimizer
+
+
+def _train_step(backbone, plugin, optimizer) -> None:
+    """One step that moves every trainable parameter."""
+    loss = sum((p.float() ** 2).sum() for m in (backbone, plugin.action_head, plugin.energy_head)
+               for p in m.parameters() if p.requires_grad)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoint_holds_trainable_state_resumes_and_loads_as_a_policy(tmp_path):
+    accelerator, loaded, backbone, plugin, optimizer = _prepare()
+    _train_step(backbone, plugin, optimizer)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"DataConfig": {"dataset": "synthetic", "image_key": None}}))
+    writer = checkpoint_policy_writer(run, backbone, plugin, STATS, loaded)
+    ckpt = save_checkpoint(accelerator, run / "checkpoints" / "step_0000001", 1, policy_writer=writer)
+
+    # The backbone's file holds its LoRA weights and buffers only, not one frozen weight.
+    saved = load_file(str(ckpt / "model.safetensors"))
+    lora = {k for k, p in backbone.named_parameters() if p.requires_grad}
+    assert lora and lora <= set(saved) <= trainable_keys(backbone)
+    assert not [k for k in saved if "lora_" not in k and k in dict(backbone.named_parameters())]
+    full = sum(v.numel() for v in backbone.state_dict().values())
+    assert sum(v.numel() for v in saved.values()) < 0.2 * full
+    # The frozen base is written once per run and referred to, not copied into the checkpoint.
+    assert (run / "base" / "model.safetensors").exists() and not (ckpt / "backbone").exists()
+    assert json.loads((ckpt / "policy_config.json").read_text())["base_path"] == "../../base"
+
+    # Resume into a freshly built model (frozen base rebuilt from the base checkpoint): every weight comes back.
+    accelerator2, _, backbone2, plugin2, optimizer2 = _prepare(seed=1)
+    accelerator2.load_state(str(ckpt))
+    for a, b in ((backbone, backbone2), (plugin.action_head, plugin2.action_head),
+                 (plugin.energy_head, plugin2.energy_head)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+    # The checkpoint is a policy: same chunks as the in-memory model.
+    policy = EnergyPolicy.from_pretrained(ckpt)
+    images, texts = _images(3), ["go left", "go right", "stop"]
+    for m in (backbone, plugin.action_head, plugin.energy_head):
+        m.eval()
+    reference = EnergyPolicy(dataclasses.replace(policy.loaded, backbone=backbone, plugin=plugin), "cpu")
+    expected = reference.predict(images, texts, normalized=True)
+    assert np.allclose(EnergyPolicy.from_pretrained(ckpt).predict(images, texts, normalized=True), expected, atol=1e-5)
+
+
+def test_load_state_refuses_a_checkpoint_of_other_lora_options(tmp_path):
+    accelerator, loaded, backbone, plugin, optimizer = _prepare(lora_r=4)
+    ckpt = save_checkpoint(accelerator, tmp_path / "step_0000001", 1)
+    other, *_ = _prepare(lora_r=2)
+    with pytest.raises(ValueError, match="does not fit prepared model 0 .* other LoRA / use_lora options"):
+        other.load_state(str(ckpt))
+
+
+def test_policy_dir_is_self_contained_and_loads_in_bfloat16(tmp_path):
+    loaded, backbone, plugin = _model()
+    run_config = tmp_path / "run_config.json"
+    run_config.write_text(json.dumps({"DataConfig": {"dataset": "org/data", "image_key": "observation.images.top",
+                                                     "normalization": "mean_std"}}))
+    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, run_config=run_config)
+    names = {p.name for p in out.iterdir()}
+    assert {"policy_config.json", "backbone", "adapter", "action_head", "energy_head", "norm_stats.json",
+            "run_config.json", "README.md"} <= names
+    info = json.loads((out / "policy_config.json").read_text())
+    assert info["base_path"] == "backbone" and info["dtype"] == "float32" and info["format_version"] == 2
+    card = (out / "README.md").read_text()
+    assert "datasets:\n- org/data" in card and "normalization `mean_std`" in card
+
+    images, texts = _images(2), ["a", "b"]
+    full = EnergyPolicy.from_pretrained(out)
+    half = EnergyPolicy.from_pretrained(out, dtype="bfloat16", device="cpu")
+    modules = (half.loaded.backbone, half.plugin.action_head, half.plugin.energy_head)
+    assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
+    a, b = full.predict(images, texts, normalized=True), half.predict(images, texts, normalized=True)
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 0.1
+    with pytest.raises(ValueError, match="dtype='float64', expected one of"):
+        EnergyPolicy.from_pretrained(out, dtype="float64")
+
+
+def test_select_action_queue_and_observation_formats(tmp_path):
+    loaded, backbone, plugin = _model()
+    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded)
+    policy = EnergyPolicy.from_pretrained(out, n_action_steps=2)
+    image = _images(1)[0]
+    pil = {"observation.images.top": Image.fromarray(image), "task": "go"}
+    chw = {"observation.images.top": torch.from_numpy(image).permute(2, 0, 1).float() / 255, "task": "go",
+           "observation.state": torch.zeros(2)}
+    chunk = policy.predict_action_chunk(pil)
+    assert chunk.shape == (H, DA) and torch.allclose(policy.predict_action_chunk(chw), chunk)
+    raw = policy.predict([image], ["go"])[0]
+    assert np.allclose(chunk.numpy(), raw, atol=1e-5)
+
+    calls = []
+    original = policy._chunks
+    policy._chunks = lambda *a, **k: calls.append(1) or original(*a, **k)
+    policy.reset()
+    got = [policy.select_action(pil) for _ in range(3)]
+    assert len(calls) == 2  # a chunk every n_action_steps = 2 actions
+    assert torch.allclose(got[0], chunk[0]) and torch.allclose(got[1], chunk[1]) and torch.allclose(got[2], chunk[0])
+    policy.reset()
+    batched = {"observation.images.top": np.stack([image, image]), "task": ["go", "go"]}
+    step = policy.select_action(batched)
+    assert step.shape == (2, DA) and torch.allclose(step[1], chunk[0], atol=1e-5)
+    with pytest.raises(ValueError, match="has no 'task'"):
+        policy.predict_action_chunk({"observation.images.top": image})
+    with pytest.raises(ValueError, match="has cameras"):
+        policy.predict_action_chunk({"observation.images.a": image, "observation.images.b": image, "task": "go"})
+    with pytest.raises(ValueError, match="n_action_steps=9"):
+        EnergyPolicy.from_pretrained(out, n_action_steps=9)
+
+
+def test_candidate_bounds_follow_the_normalization_mode():
+    assert candidate_bounds(None) == (None, None)
+    q = NormStats(**{**STATS.to_dict(), "mode": "q01_q99"})
+    assert candidate_bounds(q) == (-1.0, 1.0)
+    low, high = candidate_bounds(STATS)  # mean_std: the data's range, normalized
+    assert torch.allclose(low, torch.tensor([-3.0, -3.0, -10 / 3])) and torch.allclose(high, torch.tensor([3.0, 3.0, 3.0]))
+    none = NormStats(**{**STATS.to_dict(), "mode": "none"})
+    assert torch.equal(candidate_bounds(none)[1], torch.tensor([3.0, 7.0, 11.0]))
+    policy = torch.full((2, H, DA), 2.5)
+    cands, _ = propose_candidates(policy, num_samples=8, sigma=1.0, low=low, high=high,
+                                  generator=torch.Generator().manual_seed(0))
+    assert (cands >= low).all() and (cands <= high).all() and (cands > 1.0).any()  # not clamped to [-1, 1]
+    free, _ = propose_candidates(policy, num_samples=2, low=None, high=None)
+    assert torch.equal(free[:, 0], policy)
+
+
+def test_evaluation_preflight(capsys):
+    with pytest.raises(ValueError, match=r"needs at least 32 samples .* \(--val_fraction, --num_episodes\).*"
+                                         r"--eval_strategy no"):
+        check_evaluation("steps", [7] * 40, 31)  # one validation episode: nothing to rank against
+    with pytest.raises(ValueError, match="the evaluated validation samples are 20"):
+        check_evaluation("steps", list(range(20)), 31)
+    assert check_evaluation("steps", [i // 4 for i in range(64)], 31) is True
+    assert check_evaluation("steps", [], 31) is False and "evaluation is skipped" in capsys.readouterr().out
+    assert check_evaluation("no", [7] * 3, 31) is False
+
+
+def test_resume_latest_on_first_launch_starts_fresh(tmp_path):
+    lines = []
+    assert find_resume_checkpoint("latest", tmp_path, log=lines.append) is None
+    assert "no complete checkpoint" in lines[0] and "starting from step 0" in lines[0]
+    assert find_resume_checkpoint(None, tmp_path) is None
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        find_resume_checkpoint(str(tmp_path), tmp_path)
+
+
+def test_heads_load_through_the_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    from vla_energy.modeling import ActionHead, EnergyHead
+
+    _, _, plugin = _model()
+    for head, cls in ((plugin.action_head, ActionHead), (plugin.energy_head, EnergyHead)):
+        head.save_pretrained(tmp_path / cls.__name__)
+        loaded = AutoModel.from_pretrained(tmp_path / cls.__name__)
+        assert type(loaded) is cls and type(AutoConfig.from_pretrained(tmp_path / cls.__name__)) is cls.config_class
+        assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+
+
+MISSING_EXTRAS = """
+import sys
+sys.modules["matplotlib"] = None
+sys.modules["tensorboard"] = None
+sys.modules["tensorboardX"] = None
+from vla_energy.evaluation.report import plot_curves, plots_available
+from vla_energy.training.preflight import check_trackers
+assert not plots_available()
+for call in (lambda: plot_curves("x.png", [], ["loss"], "t"), lambda: check_trackers("none,tensorboard")):
+    try:
+        call()
+    except ImportError as e:
+        print(e)
+check_trackers("none")
+"""
+
+
+def test_missing_extras_name_what_to_install(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", MISSING_EXTRAS], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pip install 'vla_energy[plots]'" in run.stdout and "pip install 'vla_energy[tensorboard]'" in run.stdout

@@ -1,0 +1,60 @@
+"""The training recipe keeps its policy: pre-flight evaluation check, no-evaluation runs, the requeue pattern
+(`--resume_from_checkpoint latest` on a first launch), checkpoints that load as policies."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--backbone", "tiny-llava", "--num_episodes", "20", "--horizon", "4", "--per_device_train_batch_size", "4",
+         "--eval_max_samples", "48", "--logging_steps", "1", "--lora_r", "4", "--energy_hidden_dim", "32",
+         "--action_head_dim", "32", "--report_to", "none", "--disable_tqdm", "--progressive_schedule", "false"]
+
+
+def _launch(args: list[str], tmp_path: Path, port: int, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}
+    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "vla_energy.training.train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_impossible_evaluation_fails_before_training(tmp_path):
+    out = ["--output_dir", str(tmp_path / "runs"), "--run_name", "bad", "--max_steps", "50"]
+    run = _launch([*SMALL, *out, "--val_fraction", "0.05"], tmp_path, 29750)
+    assert run.returncode != 0
+    assert "--val_fraction, --num_episodes" in run.stderr and "--eval_strategy no" in run.stderr
+    assert "train [" not in run.stderr and not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_no_validation_split_trains_requeues_and_checkpoints_load_as_policies(tmp_path):
+    """val_fraction 0: no evaluation, a policy all the same; `latest` with no checkpoint yet starts fresh."""
+    from vla_energy.inference.policy import EnergyPolicy
+
+    runs = tmp_path / "runs"
+    out = ["--output_dir", str(runs), "--run_name", "noval", "--val_fraction", "0", "--max_steps", "2",
+           "--save_steps", "1", "--save_total_limit", "1", "--resume_from_checkpoint", "latest"]
+    run = _launch([*SMALL, *out], tmp_path, 29751, processes=1)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "no complete checkpoint" in log and "starting from step 0" in log and "evaluation is skipped" in log
+    model, ckpt = runs / "noval" / "model", runs / "noval" / "checkpoints" / "step_0000002"
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "top1_acc" not in metrics
+    assert "datasets" not in (model / "README.md").read_text().split("---")[1]  # synthetic: no hub dataset
+    # The last checkpoint is the final policy: same weights, same chunks.
+    images = [np.random.RandomState(i).randint(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
+    a = EnergyPolicy.from_pretrained(model).predict(images, ["a", "b"])
+    b = EnergyPolicy.from_pretrained(ckpt).predict(images, ["a", "b"])
+    assert np.allclose(a, b, atol=1e-6)
+    # The checkpoint carries the adapter, not the frozen backbone (tiny llava has no persistent buffers).
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert saved and all("lora_" in k for k in saved) and not (ckpt / "backbone").exists()
+    assert (runs / "noval" / "base" / "model.safetensors").exists()
