@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ __all__ = [
     "BackboneReadout",
     "read_backbone",
     "backbone_inputs",
+    "backbone_forward",
+    "takes_logits_to_keep",
     "hidden_size_of",
     "num_layers_of",
 ]
@@ -34,6 +37,27 @@ class BackboneReadout:
 def backbone_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The batch without the plugin's keys: what `backbone(**inputs, output_hidden_states=True)` takes."""
     return {k: v for k, v in batch.items() if k not in ENERGY_BATCH_KEYS}
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (DDP- / peft-wrapped) model's forward has a `logits_to_keep` argument."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, accelerate wrappers
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def backbone_forward(model: nn.Module, batch: Mapping[str, Any]) -> Any:
+    """The backbone's forward for the readout: hidden states, and LM logits only for the last position.
+
+    The plugin reads hidden states only; `logits_to_keep=1` spares the [B, T, vocab] logits (vocabularies of
+    VLMs reach 150k-260k ids). A batch with `labels` keeps all logits: the model's own LM loss needs them.
+    """
+    inputs = backbone_inputs(batch)
+    if "labels" not in inputs and takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = 1
+    return model(**inputs, output_hidden_states=True)
 
 
 def _text_config(config: Any) -> Any:

@@ -12,6 +12,9 @@ from PIL import Image as PILImage
 
 __all__ = ["VLACollator", "to_pil_image"]
 
+# Qwen-VL processors expand <|image_pad|> only between the vision start/end tokens their chat template writes.
+_QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
 
 def to_pil_image(value: Any, key: str = "image") -> PILImage.Image:
     """An RGB PIL image from a PIL image, a {bytes, path} dict (undecoded datasets.Image) or an HxWx3 array."""
@@ -36,7 +39,9 @@ class VLACollator:
     Returns the processor's tensors plus actions float32 [B,H,Da], action_mask bool [B,H], sample_id long [B],
     episode_index long [B] (and state float32 [B,Ds] when the examples have it). Picklable, so it runs in
     DataLoader workers. A processor with a chat template gets a user message (image + instruction) through
-    apply_chat_template(add_generation_prompt=True), then the placeholders.
+    apply_chat_template(add_generation_prompt=True); one without gets the family's image token(s) before the
+    instruction. The placeholders are always the last text. `processor_kwargs` go to every processor call
+    (e.g. do_image_splitting, min_pixels / max_pixels).
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class VLACollator:
         image_key: str = "image",
         instruction_key: str = "instruction",
         use_chat_template: Optional[bool] = None,
+        processor_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon={horizon}, expected >= 1")
@@ -65,6 +71,12 @@ class VLACollator:
             use_chat_template = bool(getattr(processor, "chat_template", None)) and hasattr(
                 processor, "apply_chat_template")
         self.use_chat_template = use_chat_template
+        reserved = {"text", "images", "return_tensors", "padding"} & set(processor_kwargs or {})
+        if reserved:
+            raise ValueError(f"processor_kwargs sets {sorted(reserved)}, which the collator sets itself")
+        self.processor_kwargs = dict(processor_kwargs or {})
+        tokenizer = getattr(processor, "tokenizer", None)
+        self.action_token_id = None if tokenizer is None else tokenizer.convert_tokens_to_ids(token)
 
     @property
     def placeholders(self) -> str:
@@ -77,7 +89,28 @@ class VLACollator:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return text + self.placeholders
-        return instruction + self.placeholders
+        return self.image_prompt() + instruction + self.placeholders
+
+    def image_prompt(self) -> str:
+        """The image part of a prompt without chat template, as the family's processor expects it."""
+        if type(self.processor).__name__ in _QWEN_VL_PROCESSORS:
+            return "<|vision_start|>" + self.processor.image_token + "<|vision_end|>"
+        # Processors that expand an image token (LLaVA, PaliGemma, Idefics3) need one; others (OpenVLA/Prismatic)
+        # insert the image inside the model's forward.
+        return getattr(self.processor, "image_token", None) or ""
+
+    def _check_placeholders(self, input_ids: torch.Tensor) -> None:
+        """Every row must hold exactly `horizon` action ids: a processor may drop, split or truncate them."""
+        if self.action_token_id is None:
+            return
+        counts = (input_ids == self.action_token_id).sum(dim=1)
+        if bool((counts != self.horizon).any()):
+            raise ValueError(
+                f"{type(self.processor).__name__} turned the {self.horizon} placeholders action_token="
+                f"{self.action_token!r} into {counts.tolist()} ids {self.action_token_id} per row: the tokenizer must "
+                "keep it as one special token (add_action_token) and the processor must not truncate the prompt "
+                "(check processor_kwargs / max_length)"
+            )
 
     def _stack(self, examples: Sequence[Mapping[str, Any]], key: str, dtype: type, trailing: tuple) -> np.ndarray:
         """Stack one field of all examples; `trailing` is the per-example shape (a str names a free size)."""
@@ -104,9 +137,11 @@ class VLACollator:
                 raise ValueError(f"example has no {key!r}; its keys are {sorted(examples[0])}")
         images = [to_pil_image(ex[self.image_key], self.image_key) for ex in examples]
         texts = [self.prompt(str(ex[self.instruction_key])) for ex in examples]
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, **self.processor_kwargs)
+        self._check_placeholders(inputs["input_ids"])
         actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
-        batch = dict(inputs)
+        # PaliGemma's processor returns LM labels; with them the backbone would compute a vocabulary-wide loss.
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
         batch["actions"] = torch.from_numpy(actions)
         if "action_mask" in examples[0]:
             batch["action_mask"] = torch.from_numpy(self._stack(examples, "action_mask", np.bool_, (self.horizon,)))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.readout import backbone_forward
 from vla_energy.inference.rerank import PREDICT_MODES, propose_candidates, refine, rerank
 
 __all__ = ["EnergyPolicy"]
@@ -49,8 +49,8 @@ class EnergyPolicy:
         texts = [self.collator.prompt(t) for t in instructions]
         pil = [to_pil_image(im) for im in images]
         inputs = self.loaded.processor(text=texts, images=pil, return_tensors="pt", padding=True)
-        batch = {k: v.to(self.device) for k, v in dict(inputs).items()}
-        outputs = self.loaded.backbone(**backbone_inputs(batch), output_hidden_states=True)
+        batch = {k: v.to(self.device) for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma adds labels
+        outputs = backbone_forward(self.loaded.backbone, batch)
         return self.plugin.read(outputs, batch)
 
     def predict(

@@ -26,12 +26,6 @@ __all__ = ["save_policy", "load_policy", "LoadedPolicy", "POLICY_CONFIG"]
 POLICY_CONFIG = "policy_config.json"
 
 
-def _base_model(backbone: nn.Module) -> nn.Module:
-    """A copy of the backbone without LoRA layers (unmerged), for saving a tiny base model."""
-    clone = copy.deepcopy(backbone)
-    return clone.unload() if isinstance(clone, PeftModel) else clone
-
-
 def save_policy(
     out_dir: str | Path,
     backbone: nn.Module,
@@ -48,17 +42,12 @@ def save_policy(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     info: dict[str, Any] = {
-        "backbone": loaded.name, "tiny_kind": loaded.tiny_kind, "action_token": loaded.action_token,
+        "backbone": loaded.name, "action_token": loaded.action_token,
         "action_token_id": loaded.action_token_id, "has_adapter": is_peft(backbone), "plugin": plugin.config_dict(),
     }
-    if loaded.tiny_kind is not None:
-        from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
-
-        save_tiny_vlm(TinyVLM(_base_model(backbone), loaded.processor, loaded.tiny_kind), tmp / "backbone")
-    else:
-        # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
-        emb = backbone.get_input_embeddings().weight[loaded.action_token_id].detach().cpu().contiguous()
-        save_file({"action_token_embedding": emb}, str(tmp / "action_token_embedding.safetensors"))
+    # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
+    emb = backbone.get_input_embeddings().weight[loaded.action_token_id].detach().cpu().contiguous()
+    save_file({"action_token_embedding": emb}, str(tmp / "action_token_embedding.safetensors"))
     if is_peft(backbone):
         backbone.save_pretrained(tmp / "adapter")
     if merge_lora and is_peft(backbone):
@@ -89,8 +78,7 @@ class LoadedPolicy:
         """The backbone (without adapter) and its action token, as load_backbone returns them."""
         base = self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
         info = self.info
-        return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"],
-                              info["tiny_kind"])
+        return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"])
 
 
 def load_policy(
@@ -103,21 +91,15 @@ def load_policy(
     if not (path / POLICY_CONFIG).exists():
         raise FileNotFoundError(f"{path} is not a saved vla_energy policy (no {POLICY_CONFIG})")
     info = json.loads((path / POLICY_CONFIG).read_text())
-    if info["tiny_kind"] is not None:
-        from vla_energy.testing.tiny_vlms import load_tiny_vlm
+    from vla_energy.backbones.loading import load_backbone
 
-        tiny = load_tiny_vlm(path / "backbone")
-        backbone, processor = tiny.model, tiny.processor
-    else:
-        from vla_energy.backbones.loading import load_backbone
-
-        loaded = load_backbone(info["backbone"], trust_remote_code=trust_remote_code,
-                               action_token=info["action_token"])
-        backbone, processor = loaded.model, loaded.processor
-        row = load_file(str(path / "action_token_embedding.safetensors"))["action_token_embedding"]
-        with torch.no_grad():
-            backbone.get_input_embeddings().weight[loaded.action_token_id] = row.to(
-                backbone.get_input_embeddings().weight.dtype)
+    loaded = load_backbone(info["backbone"], trust_remote_code=trust_remote_code,
+                           action_token=info["action_token"])
+    backbone, processor = loaded.model, loaded.processor
+    row = load_file(str(path / "action_token_embedding.safetensors"))["action_token_embedding"]
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight[loaded.action_token_id] = row.to(
+            backbone.get_input_embeddings().weight.dtype)
     if info["has_adapter"]:
         backbone = PeftModel.from_pretrained(backbone, path / "adapter", is_trainable=trainable)
     plugin_cfg = info["plugin"]

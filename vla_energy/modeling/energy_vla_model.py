@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.readout import backbone_forward
 from vla_energy.training.plugin import EnergyPlugin
 
 __all__ = ["EnergyVLAModel"]
@@ -31,7 +31,7 @@ class EnergyVLAModel(nn.Module):
     def forward(self, accelerator: Any = None, **inputs: Tensor) -> dict[str, Any]:
         """Backbone forward (with the model's own loss when `labels` are given) plus the plugin's losses."""
         self.point_plugin_at_heads()
-        outputs = self.backbone(**backbone_inputs(inputs), output_hidden_states=True)
+        outputs = backbone_forward(self.backbone, inputs)
         head_loss, metrics = self.plugin.compute_loss(outputs, inputs, accelerator)
         lm_loss = getattr(outputs, "loss", None) if "labels" in inputs else None
         return {"loss": head_loss if lm_loss is None else head_loss + lm_loss, "head_loss": head_loss,

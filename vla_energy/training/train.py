@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from vla_energy.backbones.loading import LoadedBackbone, load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
-from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
+from vla_energy.backbones.readout import backbone_forward, hidden_size_of
 from vla_energy.data import VLACollator, build_datasets
 from vla_energy.data.normalization import NormStats
 from vla_energy.evaluation.metrics import evaluate, spread_indices
@@ -68,13 +68,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                           lora_args, action_dim, data_args.horizon, norm_stats)
     else:
         loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
-                               model_args.dtype, seed=train.seed)
+                               model_args.dtype)
         backbone, action_head = apply_lora(loaded.model, lora_args), None
     plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
                           loaded.action_token_id, action_head=action_head)
     plan = plugin.setup(accelerator, train.per_device_train_batch_size)
 
-    collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token)
+    collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token,
+                           processor_kwargs=model_args.processor_kwargs)
     train_dl = DataLoader(train_ds, batch_size=train.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                           num_workers=train.dataloader_num_workers)
     # Evenly spaced over the held-out split, so that every validation episode is represented.
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         epoch_dl = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
         for batch in epoch_dl:
             with accelerator.accumulate(backbone, plugin.action_head, plugin.energy_head):
-                outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
+                outputs = backbone_forward(backbone, batch)
                 loss, metrics = plugin.compute_loss(outputs, batch, accelerator)
                 # All ranks agree on finiteness before backward, so no rank waits in an all-reduce alone.
                 if not all_finite(accelerator, loss):
