@@ -2,6 +2,7 @@
 overfitting, errors."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,11 +10,17 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vla_energy.backbones.action_token import check_action_token
+from vla_energy.backbones.action_token import add_action_token, check_action_token
 from vla_energy.backbones.loading import load_backbone, resolve_backbone, resolve_dtype
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
-from vla_energy.backbones.readout import backbone_inputs, hidden_size_of, num_layers_of, read_backbone
+from vla_energy.backbones.readout import (
+    backbone_forward,
+    backbone_inputs,
+    hidden_size_of,
+    num_layers_of,
+    read_backbone,
+)
 from vla_energy.data.collator import VLACollator
 from vla_energy.inference.serialization import load_policy, save_policy
 from vla_energy.testing.checkpoints import TINY_FAMILIES, ensure_tiny_checkpoint, processor_unavailable
@@ -201,3 +208,102 @@ def test_processor_kwargs_reach_the_processor():
     with torch.no_grad():
         out = loaded.model(**backbone_inputs(split), output_hidden_states=True)
     assert out.hidden_states[-1].shape[:2] == split["input_ids"].shape
+
+
+# ---------------------------------------------------------------- OpenVLA-style models, LM logits, hidden states
+
+
+def _prismatic(padding_side="right"):
+    """A Prismatic-like tiny model (patches inserted after BOS in forward) with tiny-llava's tokenizer and CLIP
+    image processor, and a batch of OpenVLA-style prompts (no image token) ending in the placeholders."""
+    from vla_energy.testing.prismatic import TinyPrismaticConfig, TinyPrismaticForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint("llava"))
+    tok = processor.tokenizer
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = TinyPrismaticForConditionalGeneration(TinyPrismaticConfig(text_config=text)).eval()
+    action_id = add_action_token(processor, model, "<|action|>")
+    tok.padding_side = padding_side
+    prompts = [f"In: What action should the robot take to {t}?\nOut:" + "<|action|>" * H
+               for t in ("go", "pick up the red block")]
+    batch = dict(tok(prompts, return_tensors="pt", padding=True))
+    images = [ex["image"] for ex in _examples(2)]
+    batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return model, batch, action_id
+
+
+def test_openvla_style_inserted_tokens_are_read_at_the_right_positions():
+    model, batch, action_id = _prismatic()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n = model.config.num_patches
+    with torch.no_grad():
+        out = backbone_forward(model, batch)
+    assert out.hidden_states[-1].shape[1] == ids.shape[1] + n == ids.shape[1] + 16
+    assert out.logits.shape[1] == 1  # logits_to_keep reached the language model
+    r = read_backbone(out.hidden_states, ids, mask, action_id, H, include_placeholders=False)
+    # The multimodal sequence as the model builds it: BOS, n patches, then the rest of input_ids.
+    mm_ids = torch.cat([ids[:, :1], torch.full((2, n), -1), ids[:, 1:]], dim=1)
+    for row in range(2):
+        where = (mm_ids[row] == action_id).nonzero().flatten()
+        assert len(where) == H
+        for layer in range(4):
+            assert torch.equal(r.action_hidden[layer, row], out.hidden_states[layer + 1][row, where])
+        real = int(mask[row].sum()) + n
+        assert r.context_mask[row, :real].sum() == real - H and not r.context_mask[row, real:].any()
+    assert int(mask[0].sum()) < int(mask[1].sum())  # the rows differ in length: padding was exercised
+
+    left_model, left, left_id = _prismatic("left")
+    with torch.no_grad():
+        hidden = backbone_forward(left_model, left).hidden_states
+    with pytest.raises(ValueError, match=r"inserted 16 tokens inside its forward .* left-padded.*padding_side"):
+        read_backbone(hidden, left["input_ids"], left["attention_mask"], left_id, H)
+    with pytest.raises(ValueError, match=r"T' >= T .* drops input tokens"):
+        read_backbone([h[:, :5] for h in out.hidden_states], ids, mask, action_id, H)
+
+
+def test_openvla_style_model_trains_through_the_plugin():
+    model, batch, action_id = _prismatic()
+    backbone = apply_lora(model, LoraArguments(lora_r=4))
+    plugin = EnergyPlugin(EnergyArguments(strategy="inbatch", energy_hidden_dim=32, action_head_dim=32), 64, DA, H,
+                          action_id)
+    accelerator = Accelerator(cpu=True)
+    plugin.setup(accelerator, local_batch=2)
+    batch["actions"] = torch.rand(2, H, DA)
+    batch["action_mask"] = torch.ones(2, H, dtype=torch.bool)
+    batch["sample_id"] = torch.arange(2)
+    loss, metrics = plugin.compute_loss(backbone_forward(backbone, batch), batch, accelerator)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in backbone.named_parameters() if "lora_B" in n and "language_model" in n)
+
+
+def test_backbone_forward_keeps_only_the_last_logits_unless_labels():
+    loaded = load_backbone("tiny-llava")
+    batch = _batch(loaded, n=2)
+    with torch.no_grad():
+        short = backbone_forward(apply_lora(loaded.model, LoraArguments(lora_r=4)), batch)
+        assert short.logits.shape == (2, 1, loaded.model.config.get_text_config().vocab_size)
+        full = backbone_forward(loaded.model, {**batch, "labels": batch["input_ids"]})
+    assert full.logits.shape[1] == batch["input_ids"].shape[1] and full.loss is not None
+    assert torch.equal(short.hidden_states[-1], full.hidden_states[-1])
+
+
+def test_checkpoint_without_hidden_states_is_refused():
+    class NoHidden(torch.nn.Module):
+        """A model whose forward ignores output_hidden_states."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=self.inner(**kwargs).logits, hidden_states=None)
+
+    loaded = load_backbone("tiny-llava")
+    _, _, plugin, accelerator = _setup("llava")
+    batch = _batch(loaded)
+    with pytest.raises(ValueError, match="the backbone returned no hidden_states: call it with output_hidden_states"):
+        plugin.compute_loss(backbone_forward(NoHidden(loaded.model), batch), batch, accelerator)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         log_with=None if train.report_to == "none" else train.report_to.split(","),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Real checkpoints hold layers the forward skips (LLaVA reads vision layer -2): their LoRA weights get no grad.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(train.seed)  # identical initial weights on every process
     main_proc = accelerator.is_main_process
