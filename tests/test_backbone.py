@@ -307,3 +307,18 @@ def test_checkpoint_without_hidden_states_is_refused():
     batch = _batch(loaded)
     with pytest.raises(ValueError, match="the backbone returned no hidden_states: call it with output_hidden_states"):
         plugin.compute_loss(backbone_forward(NoHidden(loaded.model), batch), batch, accelerator)
+
+
+def test_processor_kwargs_option_from_yaml_and_command_line(tmp_path):
+    from vla_energy.training.arguments import parse_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("processor_kwargs: {min_pixels: 3136, max_pixels: 12544}\n")
+    model, *_ = parse_config(["--config", str(config)])
+    assert model.processor_kwargs == {"min_pixels": 3136, "max_pixels": 12544} and model.dtype == "auto"
+    model, *_ = parse_config(["--processor_kwargs", '{"do_image_splitting": true}'])
+    assert model.processor_kwargs == {"do_image_splitting": True}
+    with pytest.raises(ValueError, match="processor_kwargs='do_image_splitting' is not a JSON object"):
+        parse_config(["--processor_kwargs", "do_image_splitting"])
+    with pytest.raises(ValueError, match=r"processor_kwargs=\[1\], expected a mapping"):
+        parse_config(["--processor_kwargs", "[1]"])

@@ -228,14 +228,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of options, got {type(raw).__name__}")
+    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):  # optional sections: model:, data:, lora:, energy:, train:
+        if isinstance(value, dict) and key not in known:  # optional sections: model:, data:, lora:, energy:, train:
             flat.update(value)
         else:
             flat[key] = value
     check_option_names(list(flat), str(path))
-    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
     unknown = sorted(set(flat) - known)
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}; known options are {sorted(known)}")
