@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from vla_energy.backbones.loading import LoadedBackbone, load_backbone
+from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.inference.serialization import checkpoint_policy_writer
-from vla_energy.testing.tiny_vlms import make_tiny_vlm
+from vla_energy.testing.checkpoints import ensure_tiny_checkpoint
 from vla_energy.training.checkpoints import register_checkpoint_hooks, save_checkpoint
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
@@ -39,10 +39,10 @@ def main() -> None:
     p.add_argument("--lora_r", type=int, default=16)
     a = p.parse_args()
     torch.manual_seed(0)
-    loaded = load_backbone("tiny-llava")
-    tiny = make_tiny_vlm("llava", hidden_size=a.hidden_size, num_hidden_layers=a.layers, image_size=a.image_size)
-    loaded = LoadedBackbone(tiny.model, tiny.processor, loaded.action_token, loaded.action_token_id, loaded.name,
-                            loaded.tiny_kind)
+    # A bigger random checkpoint of the tiny llava family, loaded by path like any real one.
+    path = ensure_tiny_checkpoint("llava", hidden_size=a.hidden_size, num_hidden_layers=a.layers,
+                                  image_size=a.image_size)
+    loaded = load_backbone(str(path), dtype="float32")
     params = sum(p.numel() for p in loaded.model.parameters())
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=a.lora_r))
     plugin = EnergyPlugin(EnergyArguments(), hidden_size_of(loaded.model), 7, 8, loaded.action_token_id)
@@ -61,13 +61,12 @@ def main() -> None:
         register_checkpoint_hooks(accelerator)
         writer = checkpoint_policy_writer(run, backbone, plugin, None, loaded)
         ckpt = save_checkpoint(accelerator, run / "checkpoints" / "step_0000001", 1, policy_writer=writer)
-        full, ours, base = _bytes(run / "full"), _bytes(ckpt), _bytes(run / "base")
+        full, ours = _bytes(run / "full"), _bytes(ckpt)
     print(f"backbone: tiny-llava, hidden {a.hidden_size}, {a.layers} layers, image {a.image_size} px, "
           f"{params / 1e6:.1f}M parameters; LoRA r={a.lora_r}; trainable (LoRA + heads) {trainable / 1e6:.2f}M")
     print("| checkpoint | MB |\n|---|---|")
     print(f"| full: accelerator.save_state of the prepared modules | {full / 1e6:.1f} |")
     print(f"| trainable: save_checkpoint with the hooks, incl. policy files | {ours / 1e6:.1f} |")
-    print(f"| frozen base, once per run (tiny backbones only) | {base / 1e6:.1f} |")
     print(f"ratio trainable / full: {ours / full:.3f}")
 
 

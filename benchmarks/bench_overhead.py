@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-from vla_energy.backbones.loading import LoadedBackbone, load_backbone
+from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
 from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
 from vla_energy.losses.policy_l1 import masked_l1
-from vla_energy.testing.tiny_vlms import make_tiny_vlm
+from vla_energy.testing.checkpoints import ensure_tiny_checkpoint
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 
@@ -37,19 +37,18 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     train, _, _ = build_datasets(DataConfig(dataset="synthetic"), progress=False)
-    loaded = load_backbone(a.backbone)
-    if (a.hidden_size, a.layers, a.image_size) != (64, 4, 32):  # a bigger random backbone of the same family
-        tiny = make_tiny_vlm(loaded.tiny_kind, hidden_size=a.hidden_size, num_hidden_layers=a.layers,
-                             image_size=a.image_size)
-        loaded = LoadedBackbone(tiny.model, tiny.processor, loaded.action_token, loaded.action_token_id,
-                                loaded.name, loaded.tiny_kind)
+    name = a.backbone
+    if (a.hidden_size, a.layers, a.image_size) != (64, 4, 32):  # a bigger random checkpoint of the same family
+        name = str(ensure_tiny_checkpoint(a.backbone.removeprefix("tiny-"), hidden_size=a.hidden_size,
+                                          num_hidden_layers=a.layers, image_size=a.image_size))
+    loaded = load_backbone(name)
     params = sum(p.numel() for p in loaded.model.parameters())
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=16))
     plugin = EnergyPlugin(EnergyArguments(strategy="combined"), hidden_size_of(loaded.model),
                           len(train[0]["actions"][0]), 8, loaded.action_token_id)
     plugin.setup(SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu")), a.batch)
     opt = torch.optim.AdamW(param_groups(backbone, plugin.action_head, plugin.energy_modules(), 1e-3))
-    batches = iter(DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=VLACollator(loaded.processor, 8)))
+    batches = iter(DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=VLACollator(loaded.processor, 8, loaded.action_token)))
     acc = SimpleNamespace(num_processes=1, process_index=0)
     times = {"without": [], "with": []}
     for step in range(2 * a.steps + 2):

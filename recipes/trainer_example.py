@@ -39,7 +39,7 @@ def main() -> None:
     )
     trainer = EnergyTrainer(
         model=EnergyVLAModel(backbone, plugin), args=args, train_dataset=train_ds,
-        data_collator=VLACollator(loaded.processor, horizon=8), energy_lr_scale=0.5,
+        data_collator=VLACollator(loaded.processor, horizon=8, action_token=loaded.action_token), energy_lr_scale=0.5,
         schedule=ProgressiveSchedule(stable_steps=30, ramp_end_step=80, start_lr_scale=0.2, end_lr_scale=1.0,
                                      start_max_grad_norm=0.5, end_max_grad_norm=1.0),
     )

@@ -39,7 +39,7 @@ STATS = NormStats("mean_std", [0.0, 1.0, 2.0], [1.0, 2.0, 3.0], [-1.0] * 3, [1.0
 
 def _model(lora_r: int = 4, seed: int = 0):
     torch.manual_seed(seed)
-    loaded = load_backbone("tiny-llava", seed=0)
+    loaded = load_backbone("tiny-llava")
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=lora_r))
     plugin = EnergyPlugin(EnergyArguments(energy_hidden_dim=32, action_head_dim=32), hidden_size_of(loaded.model), DA,
                           H, loaded.action_token_id)
@@ -87,9 +87,9 @@ def test_checkpoint_holds_trainable_state_resumes_and_loads_as_a_policy(tmp_path
     assert not [k for k in saved if "lora_" not in k and k in dict(backbone.named_parameters())]
     full = sum(v.numel() for v in backbone.state_dict().values())
     assert sum(v.numel() for v in saved.values()) < 0.2 * full
-    # The frozen base is written once per run and referred to, not copied into the checkpoint.
-    assert (run / "base" / "model.safetensors").exists() and not (ckpt / "backbone").exists()
-    assert json.loads((ckpt / "policy_config.json").read_text())["base_path"] == "../../base"
+    # The frozen base is referred to by name, not copied into the checkpoint.
+    assert not (ckpt / "backbone").exists() and not (ckpt / "merged").exists()
+    assert json.loads((ckpt / "policy_config.json").read_text())["backbone"] == "tiny-llava"
 
     # Resume into a freshly built model (frozen base rebuilt from the base checkpoint): every weight comes back.
     accelerator2, _, backbone2, plugin2, optimizer2 = _prepare(seed=1)
@@ -125,10 +125,10 @@ def test_policy_dir_is_self_contained_and_loads_in_bfloat16(tmp_path):
                                                      "normalization": "mean_std"}}))
     out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, run_config=run_config)
     names = {p.name for p in out.iterdir()}
-    assert {"policy_config.json", "backbone", "adapter", "action_head", "energy_head", "norm_stats.json",
+    assert {"policy_config.json", "processor", "adapter", "action_head", "energy_head", "norm_stats.json",
             "run_config.json", "README.md"} <= names
     info = json.loads((out / "policy_config.json").read_text())
-    assert info["base_path"] == "backbone" and info["dtype"] == "float32" and info["format_version"] == 2
+    assert info["processor"] == "processor" and info["dtype"] == "float32" and info["format_version"] == 2
     card = (out / "README.md").read_text()
     assert "datasets:\n- org/data" in card and "normalization `mean_std`" in card
 

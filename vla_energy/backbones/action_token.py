@@ -6,7 +6,19 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["add_action_token"]
+__all__ = ["add_action_token", "check_action_token"]
+
+
+def check_action_token(tokenizer: Any, token: str, token_id: int) -> None:
+    """Raise unless the tokenizer turns every `token` in a text into exactly one id, `token_id`."""
+    ids = tokenizer("go" + token + token + "go", add_special_tokens=False)["input_ids"]
+    if ids.count(token_id) != 2:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(token, add_special_tokens=False)["input_ids"])
+        raise ValueError(
+            f"action_token={token!r}: {type(tokenizer).__name__} splits it into {pieces} instead of keeping id "
+            f"{token_id}; add it as a special token (vla_energy.backbones.action_token.add_action_token) or choose "
+            "an action_token the tokenizer keeps whole"
+        )
 
 
 def add_action_token(processor: Any, model: nn.Module, token: str = "<|action|>") -> int:
@@ -17,4 +29,6 @@ def add_action_token(processor: Any, model: nn.Module, token: str = "<|action|>"
         # Many checkpoints pad the embedding matrix past the tokenizer (e.g. to a multiple of 128): grow, never shrink.
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
-    return int(tokenizer.convert_tokens_to_ids(token))
+    token_id = int(tokenizer.convert_tokens_to_ids(token))
+    check_action_token(tokenizer, token, token_id)
+    return token_id

@@ -1,8 +1,10 @@
-"""Loading a backbone and its processor: a tiny offline VLM by name, or any HF vision-language checkpoint."""
+"""Loading a backbone and its processor: any HF vision-language checkpoint, or a tiny offline one by name."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +12,10 @@ from torch import nn
 
 from vla_energy.backbones.action_token import add_action_token
 
-__all__ = ["LoadedBackbone", "load_backbone"]
+__all__ = ["LoadedBackbone", "load_backbone", "resolve_backbone", "resolve_dtype", "TINY_PREFIX"]
+
+TINY_PREFIX = "tiny-"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -22,30 +27,68 @@ class LoadedBackbone:
     action_token: str
     action_token_id: int
     name: str
-    tiny_kind: str | None = None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`auto` -> bfloat16 with CUDA, float32 without; else float32 | bfloat16 | float16."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}, expected auto | {' | '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_backbone(name: str) -> str:
+    """`tiny-<family>` -> its real-format checkpoint directory (built into $VLA_ENERGY_CACHE once); else `name`."""
+    if not name.startswith(TINY_PREFIX):
+        return name
+    # Only the tiny names import vla_energy.testing.
+    from vla_energy.testing.checkpoints import TINY_FAMILIES, ensure_tiny_checkpoint
+
+    family = name[len(TINY_PREFIX):]
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"backbone={name!r}: the tiny backbones are {[TINY_PREFIX + f for f in TINY_FAMILIES]}")
+    return str(ensure_tiny_checkpoint(family))
+
+
+def _offline_hint(name: str) -> str | None:
+    """Why `name` cannot load offline and how to fix it, when offline mode is the reason; else None."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline or Path(name).exists():
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return None  # cached: the error is about something else
+    except ValueError:  # not a valid repo id
+        pass
+    return (f"backbone={name!r} is not a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            "and HF_HUB_OFFLINE=1 forbids downloading it: download it once with network access "
+            f"(`hf download {name}`), or unset HF_HUB_OFFLINE, or pass a local checkpoint directory")
 
 
 def load_backbone(
     name: str,
     trust_remote_code: bool = False,
     action_token: str = "<|action|>",
-    dtype: str = "float32",
-    seed: int = 0,
+    dtype: str = "auto",
 ) -> LoadedBackbone:
-    """`tiny-<kind>` builds an offline random tiny VLM; anything else loads with AutoProcessor / AutoModel."""
-    if name.startswith("tiny-"):  # the test/demo backbones: only then is vla_energy.testing imported
-        from vla_energy.testing.tiny_vlms import make_tiny_vlm, resolve_backbone_name
-
-        kind = resolve_backbone_name(name)
-        tiny = make_tiny_vlm(kind, seed=seed)
-        proc = tiny.processor
-        return LoadedBackbone(tiny.model, proc, proc.action_token, proc.action_token_id, name, kind)
+    """AutoProcessor + AutoModelForImageTextToText + the action token; `tiny-<family>` names a tiny local checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"dtype={dtype!r}, expected float32 | bfloat16 | float16")
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_backbone(name)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"backbone={name!r}: no such checkpoint directory")
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
+                                                            trust_remote_code=trust_remote_code)
+    except OSError as e:
+        hint = _offline_hint(path)
+        if hint is None:
+            raise
+        raise OSError(hint) from e
     token_id = add_action_token(processor, model, action_token)
     return LoadedBackbone(model, processor, action_token, token_id, name)

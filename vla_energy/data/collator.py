@@ -12,6 +12,9 @@ from PIL import Image as PILImage
 
 __all__ = ["VLACollator", "to_pil_image"]
 
+# Qwen-VL processors expand <|image_pad|> only between the vision start/end tokens their chat template writes.
+_QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
 
 def to_pil_image(value: Any, key: str = "image") -> PILImage.Image:
     """An RGB PIL image from a PIL image, a {bytes, path} dict (undecoded datasets.Image) or an HxWx3 array."""
@@ -42,6 +45,9 @@ class VLACollator:
     ["observation.images.top", "observation.images.wrist"]); a column may also hold a list of images. With
     one image per sample the processor gets a flat list of images, with several a list per sample.
     `state_key` names the state vector (e.g. "observation.state"), `instruction_key` the text (e.g. "task").
+    Without a chat template the prompt starts with the family's image token(s), one per camera. The placeholders
+    are always the last text. `processor_kwargs` go to every processor call (e.g. do_image_splitting,
+    min_pixels / max_pixels).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class VLACollator:
         instruction_key: str = "instruction",
         use_chat_template: Optional[bool] = None,
         state_key: str = "state",
+        processor_kwargs: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon={horizon}, expected >= 1")
@@ -75,6 +82,12 @@ class VLACollator:
             use_chat_template = bool(getattr(processor, "chat_template", None)) and hasattr(
                 processor, "apply_chat_template")
         self.use_chat_template = use_chat_template
+        reserved = {"text", "images", "return_tensors", "padding"} & set(processor_kwargs or {})
+        if reserved:
+            raise ValueError(f"processor_kwargs sets {sorted(reserved)}, which the collator sets itself")
+        self.processor_kwargs = dict(processor_kwargs or {})
+        tokenizer = getattr(processor, "tokenizer", None)
+        self.action_token_id = None if tokenizer is None else tokenizer.convert_tokens_to_ids(token)
 
     @property
     def placeholders(self) -> str:
@@ -88,7 +101,28 @@ class VLACollator:
             messages = [{"role": "user", "content": [*images, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return text + self.placeholders
-        return instruction + self.placeholders
+        return self.image_prompt() * num_images + instruction + self.placeholders
+
+    def image_prompt(self) -> str:
+        """The image part of a prompt without chat template for one image, as the family's processor expects it."""
+        if type(self.processor).__name__ in _QWEN_VL_PROCESSORS:
+            return "<|vision_start|>" + self.processor.image_token + "<|vision_end|>"
+        # Processors that expand an image token (LLaVA, PaliGemma, Idefics3) need one; others (OpenVLA/Prismatic)
+        # insert the image inside the model's forward.
+        return getattr(self.processor, "image_token", None) or ""
+
+    def _check_placeholders(self, input_ids: torch.Tensor) -> None:
+        """Every row must hold exactly `horizon` action ids: a processor may drop, split or truncate them."""
+        if self.action_token_id is None:
+            return
+        counts = (input_ids == self.action_token_id).sum(dim=1)
+        if bool((counts != self.horizon).any()):
+            raise ValueError(
+                f"{type(self.processor).__name__} turned the {self.horizon} placeholders action_token="
+                f"{self.action_token!r} into {counts.tolist()} ids {self.action_token_id} per row: the tokenizer must "
+                "keep it as one special token (add_action_token) and the processor must not truncate the prompt "
+                "(check processor_kwargs / max_length)"
+            )
 
     def _stack(self, examples: Sequence[Mapping[str, Any]], key: str, dtype: type, trailing: tuple) -> np.ndarray:
         """Stack one field of all examples; `trailing` is the per-example shape (a str names a free size)."""
@@ -119,9 +153,11 @@ class VLACollator:
             raise ValueError(f"examples have {sorted(counts)} images each, expected one camera count per batch")
         texts = [self.prompt(str(ex[self.instruction_key]), len(ims)) for ex, ims in zip(examples, images)]
         flat = [ims[0] for ims in images] if counts == {1} else images
-        inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True)
+        inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True, **self.processor_kwargs)
+        self._check_placeholders(inputs["input_ids"])
         actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
-        batch = dict(inputs)
+        # PaliGemma's processor returns LM labels; with them the backbone would compute a vocabulary-wide loss.
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
         batch["actions"] = torch.from_numpy(actions)
         if "action_mask" in examples[0]:
             batch["action_mask"] = torch.from_numpy(self._stack(examples, "action_mask", np.bool_, (self.horizon,)))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.readout import backbone_forward
 from vla_energy.losses.policy_l1 import masked_l1
 from vla_energy.training.plugin import EnergyPlugin
 
@@ -60,7 +60,7 @@ def collect_eval_outputs(
     """Run the backbone once per eval batch and keep contexts (unpadded), policy and layer predictions."""
     out = EvalResult()
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
+        outputs = backbone_forward(backbone, batch)
         readout = plugin.read(outputs, batch)
         policy, layers = plugin.predict_actions(readout)
         for i in range(readout.context.shape[0]):

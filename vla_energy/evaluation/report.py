@@ -115,7 +115,7 @@ def write_model_card(policy_dir: str | Path, metrics: Mapping[str, Any] | None =
     data = run.get("DataConfig", {})
     dataset = data.get("dataset")
     base, revision = info["backbone"], info.get("revision")
-    hub_base = info["tiny_kind"] is None and base.count("/") == 1 and not Path(base).exists()
+    hub_base = base.count("/") == 1 and not Path(base).exists()
     hub_dataset = dataset is not None and dataset != "synthetic" and dataset.count("/") == 1 and not Path(dataset).exists()
     card_data = ModelCardData(
         library_name="vla_energy", pipeline_tag="robotics", tags=["robotics", "vla", "energy-based-model", "lora"],
@@ -128,7 +128,7 @@ def write_model_card(policy_dir: str | Path, metrics: Mapping[str, Any] | None =
         "backbone, an L1 action head and an energy head E(context, action chunk) trained with global InfoNCE.", "",
         "## Base model and data", "",
         f"- base model: `{base}`" + (f" at revision `{revision}`" if revision else "")
-        + (" (tiny random test backbone, weights included)" if info["tiny_kind"] else ""),
+        + (" (a tiny random test backbone of vla_energy.testing)" if base.startswith("tiny-") else ""),
         f"- weights: {'LoRA merged into the backbone (merged/)' if info.get('merged') else 'LoRA adapter (adapter/)' if info['has_adapter'] else 'frozen backbone'}"
         f", loaded in {info.get('dtype', 'float32')}",
         f"- dataset: `{dataset}`" if dataset else "- dataset: not recorded",

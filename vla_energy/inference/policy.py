@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.readout import backbone_forward
 from vla_energy.inference.rerank import PREDICT_MODES, Bound, propose_candidates, refine, rerank
 
 __all__ = ["EnergyPolicy", "candidate_bounds"]
@@ -110,8 +110,8 @@ class EnergyPolicy:
         pil = [to_pil_image(im) for im in images]
         inputs = self.loaded.processor(text=texts, images=pil, return_tensors="pt", padding=True)
         batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
-                 for k, v in dict(inputs).items()}
-        outputs = self.loaded.backbone(**backbone_inputs(batch), output_hidden_states=True)
+                 for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma adds labels
+        outputs = backbone_forward(self.loaded.backbone, batch)
         return self.plugin.read(outputs, batch)
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
@@ -221,13 +221,9 @@ class EnergyPolicy:
         from vla_energy.evaluation.report import write_model_card
         from vla_energy.inference.serialization import POLICY_PATTERNS
 
-        path, info = self.loaded.path, self.loaded.info
+        path = self.loaded.path
         if path is None:
             raise ValueError("this policy was not loaded from a directory: save it with save_policy first")
-        base = info.get("base_path")
-        if info.get("tiny_kind") is not None and base and not info.get("merged") and base.startswith(".."):
-            raise ValueError(f"{path} refers to its base weights outside itself ({base}), as run checkpoints do: "
-                             "push the run's model/ directory, which holds them")
         if not (path / "README.md").exists():
             write_model_card(path)
         api = HfApi(token=token)

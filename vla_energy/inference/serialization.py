@@ -4,11 +4,10 @@
 Layout (policy_config.json says which parts are present):
 
     policy_config.json       base (name, revision or a relative path), action token, dtype, plugin settings
-    processor/               the processor with the action token (real HF backbones)
-    backbone/                the base weights of a tiny test backbone (or a relative `base_path` to them)
+    processor/               the processor with the action token
     merged/                  merge_lora: the backbone with the adapter merged (loaded instead of base + adapter)
     adapter/                 peft LoRA adapter
-    action_token_embedding.safetensors   the action token's embedding row (real tokenizers)
+    action_token_embedding.safetensors   the action token's embedding row
     action_head/ energy_head/            heads (save_pretrained)
     norm_stats.json  run_config.json  README.md
 """
@@ -34,7 +33,7 @@ from vla_energy.modeling.action_head import ActionHead
 from vla_energy.modeling.modeling_energy_head import EnergyHead
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
-__all__ = ["save_policy", "write_policy", "save_base", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
+__all__ = ["save_policy", "write_policy", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
            "POLICY_CONFIG", "POLICY_PATTERNS", "DTYPES"]
 
 POLICY_CONFIG = "policy_config.json"
@@ -44,12 +43,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "backbone/*", "merged/*", "adapter/*", "action_head/*",
                    "energy_head/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
                    "README.md", "metrics.json", "*.png"]
-
-
-def _base_model(backbone: nn.Module) -> nn.Module:
-    """A copy of the backbone without LoRA layers (unmerged), for saving a tiny base model."""
-    clone = copy.deepcopy(backbone)
-    return clone.unload() if isinstance(clone, PeftModel) else clone
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -81,15 +74,6 @@ def base_revision(name: str, config: Any) -> Optional[str]:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def save_base(out_dir: str | Path, backbone: nn.Module, loaded: LoadedBackbone) -> Path:
-    """The frozen base of a tiny test backbone (no LoRA), once per run, for checkpoints to refer to."""
-    from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
-
-    if loaded.tiny_kind is None:
-        raise ValueError("save_base is for tiny backbones; a real backbone is referred to by name and revision")
-    return save_tiny_vlm(TinyVLM(_base_model(backbone), loaded.processor, loaded.tiny_kind), out_dir)
-
-
 def write_policy(
     out: str | Path,
     backbone: nn.Module,
@@ -98,47 +82,33 @@ def write_policy(
     loaded: LoadedBackbone,
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     merge_lora: bool = False,
-    base_dir: Optional[str | Path] = None,
     final_dir: Optional[str | Path] = None,
     run_config: Optional[str | Path] = None,
 ) -> Path:
     """Write the policy files into the existing directory `out`.
 
-    base_dir: a tiny backbone's base saved by save_base, referred to by a path relative to `final_dir` (where `out`
-    ends up) instead of copied; run_config: the run's run_config.json, copied (dataset, cameras, training options).
+    The base is referred to by name and revision (a tiny test backbone's name resolves to its cached checkpoint);
+    run_config: the run's run_config.json, copied (dataset, cameras, training options). final_dir: unused, kept
+    for callers that write into a temporary directory first.
     """
     out = Path(out)
     base = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
     info: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "backbone": loaded.name, "revision": None, "tiny_kind": loaded.tiny_kind,
-        "base_path": None, "processor": None, "merged": bool(merge_lora and is_peft(backbone)),
+        "format_version": FORMAT_VERSION, "backbone": loaded.name, "revision": None, "processor": None, "merged": bool(merge_lora and is_peft(backbone)),
         "action_token": loaded.action_token, "action_token_id": loaded.action_token_id,
         "has_adapter": is_peft(backbone), "dtype": _dtype_name(next(base.parameters()).dtype),
         "plugin": plugin.config_dict(),
     }
-    if loaded.tiny_kind is not None:
-        if base_dir is not None:
-            info["base_path"] = os.path.relpath(Path(base_dir).resolve(), Path(final_dir or out).resolve())
-        else:
-            save_base(out / "backbone", backbone, loaded)
-            info["base_path"] = "backbone"
-    else:
-        info["revision"] = base_revision(loaded.name, base.config)
-        loaded.processor.save_pretrained(out / "processor")
-        info["processor"] = "processor"
-        # A real tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
-        emb = base.get_input_embeddings().weight[loaded.action_token_id].detach().float().cpu().contiguous()
-        save_file({"action_token_embedding": emb}, str(out / "action_token_embedding.safetensors"))
+    info["revision"] = base_revision(loaded.name, base.config)
+    loaded.processor.save_pretrained(out / "processor")
+    info["processor"] = "processor"
+    # The tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
+    emb = base.get_input_embeddings().weight[loaded.action_token_id].detach().float().cpu().contiguous()
+    save_file({"action_token_embedding": emb}, str(out / "action_token_embedding.safetensors"))
     if is_peft(backbone):
         backbone.save_pretrained(out / "adapter")
     if info["merged"]:
-        merged = copy.deepcopy(backbone).merge_and_unload()
-        if loaded.tiny_kind is not None:
-            from vla_energy.testing.tiny_vlms import TinyVLM, save_tiny_vlm
-
-            save_tiny_vlm(TinyVLM(merged, loaded.processor, loaded.tiny_kind), out / "merged")
-        else:
-            merged.save_pretrained(out / "merged")
+        copy.deepcopy(backbone).merge_and_unload().save_pretrained(out / "merged")
     unwrap(plugin.action_head).save_pretrained(out / "action_head")
     unwrap(plugin.energy_head).save_pretrained(out / "energy_head")
     if norm_stats is not None:
@@ -169,21 +139,12 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
 def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,
                              loaded: LoadedBackbone, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m
                              ) -> Callable[[Path, Path], Path]:
-    """save_checkpoint's policy_writer: the policy files into a checkpoint, without a copy of the frozen base (a
-    tiny backbone's base is written once to <run_dir>/base/ and referred to; a real one by name and revision)."""
+    """save_checkpoint's policy_writer: the policy files into a checkpoint, without a copy of the frozen base (it is
+    referred to by name and revision)."""
     run_dir = Path(run_dir)
 
     def write(tmp: Path, final: Path) -> Path:
-        base_dir = None
-        if loaded.tiny_kind is not None:
-            base_dir = run_dir / "base"
-            if not base_dir.is_dir():
-                staging = run_dir / "base.tmp"
-                if staging.exists():
-                    shutil.rmtree(staging)
-                save_base(staging, backbone, loaded)
-                os.replace(staging, base_dir)
-        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, base_dir=base_dir, final_dir=final,
+        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, final_dir=final,
                             run_config=run_dir / "run_config.json")
 
     return write
@@ -204,8 +165,7 @@ class LoadedPolicy:
         """The backbone (without adapter) and its action token, as load_backbone returns them."""
         base = self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
         info = self.info
-        return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"],
-                              info["tiny_kind"])
+        return LoadedBackbone(base, self.processor, info["action_token"], info["action_token_id"], info["backbone"])
 
     def run_config(self) -> Optional[dict[str, Any]]:
         """The training run's options (run_config.json), when the policy carries them."""
@@ -242,12 +202,15 @@ def _load_real_base(path: Path, info: dict[str, Any], dtype: torch.dtype, trust_
     """The base named in the policy (at its recorded revision) or the merged weights, with the saved processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vla_energy.backbones.loading import resolve_backbone
+
     name, revision = info["backbone"], info.get("revision")
     processor_dir = path / (info.get("processor") or "processor")
     processor = (AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
                  if processor_dir.is_dir() else
-                 AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code))
-    source = path / "merged" if info.get("merged") else name
+                 AutoProcessor.from_pretrained(resolve_backbone(name), revision=revision,
+                                               trust_remote_code=trust_remote_code))
+    source = path / "merged" if info.get("merged") else resolve_backbone(name)
     model = AutoModelForImageTextToText.from_pretrained(source, revision=None if info.get("merged") else revision,
                                                         dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -285,17 +248,7 @@ def load_policy(
     info["merged"] = merged
     if merged:
         info["has_adapter"] = False  # the adapter is inside the merged weights
-    if info["tiny_kind"] is not None:
-        from vla_energy.testing.tiny_vlms import load_tiny_vlm
-
-        base = path / "merged" if merged else (path / (info.get("base_path") or "backbone")).resolve()
-        if not base.is_dir():
-            raise FileNotFoundError(f"{path}: its base backbone {base} is missing (a checkpoint refers to the run's "
-                                    "base/ directory: keep the run directory together, or load the run's model/)")
-        tiny = load_tiny_vlm(base)
-        backbone, processor = tiny.model.to(torch_dtype), tiny.processor
-    else:
-        backbone, processor = _load_real_base(path, info, torch_dtype, trust_remote_code)
+    backbone, processor = _load_real_base(path, info, torch_dtype, trust_remote_code)
     if info["has_adapter"] and not merged:
         backbone = PeftModel.from_pretrained(backbone, path / "adapter", is_trainable=trainable)
     plugin_cfg = info["plugin"]

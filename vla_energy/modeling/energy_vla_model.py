@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.readout import backbone_forward
 from vla_energy.modeling.process_group import ProcessGroup
 from vla_energy.training.plugin import EnergyPlugin
 
@@ -117,7 +117,7 @@ class EnergyVLAModel(nn.Module):
         group = ProcessGroup(inputs["actions"].device)
         if self.plugin.plan is None:
             self.plugin.setup(group, inputs["actions"].shape[0])
-        outputs = self.backbone(**backbone_inputs(inputs), output_hidden_states=True)
+        outputs = backbone_forward(self.backbone, inputs)
         with self.plugin.evaluating(not self.training):
             head_loss, metrics = self.plugin.compute_loss(outputs, inputs, group)
         parts, self.plugin.last_parts = self.plugin.last_parts, None  # hold no graph past this call

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 __all__ = ["TINY_FAMILIES", "FORMAT_VERSION", "build_tiny_checkpoint", "ensure_tiny_checkpoint",
-           "tiny_checkpoint_dir"]
+           "tiny_checkpoint_dir", "processor_unavailable"]
 
 TINY_FAMILIES = ("idefics3", "paligemma", "llava", "qwen2_vl", "qwen2_5_vl")
 # Bump when the files written by build_tiny_checkpoint change, so cached checkpoints are rebuilt.
@@ -61,6 +61,16 @@ _QWEN_VL_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def processor_unavailable(family: str) -> Optional[str]:
+    """Why AutoProcessor cannot load `family`'s processor in this environment, or None when it can."""
+    import importlib.util
+
+    if family.startswith("qwen") and importlib.util.find_spec("torchvision") is None:
+        return ("transformers' Qwen2VLVideoProcessor requires torchvision: AutoProcessor.from_pretrained raises "
+                "ImportError from AutoVideoProcessor for the Qwen-VL families")
+    return None
 
 
 def _byte_level_alphabet() -> list[str]:

@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from transformers import HfArgumentParser
@@ -27,23 +27,41 @@ class ModelArguments:
 
     backbone: str = field(
         default="tiny-llava",
-        metadata={"help": "An HF model id or local directory loadable with AutoModelForImageTextToText, or an "
-                          "offline tiny random VLM for tests and the demo: tiny-llava, tiny-paligemma, "
-                          "tiny-qwen2_vl, tiny-idefics3."},
+        metadata={"help": "An HF model id or local directory loadable with AutoProcessor + AutoModelForImageTextToText, "
+                          "or a tiny random real-format checkpoint built offline for tests and the demo: tiny-llava, "
+                          "tiny-paligemma, tiny-idefics3, tiny-qwen2_vl, tiny-qwen2_5_vl (docs/backbones.md)."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the checkpoint (OpenVLA-style repos)."}
     )
     action_token: str = field(
         default="<|action|>",
-        metadata={"help": "Action placeholder token added to a real tokenizer (the tiny VLMs use their own <act>)."},
+        metadata={"help": "Action placeholder token, added to the tokenizer as a special token."},
     )
-    dtype: str = field(default="float32", metadata={"help": "Backbone weights dtype: float32 | bfloat16 | float16."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Backbone weights dtype: auto (bfloat16 with CUDA, float32 without) | float32 | bfloat16 | "
+                          "float16."},
+    )
+    processor_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "Options for every processor call, a YAML mapping or a JSON object on the command line, e.g. "
+                          "{do_image_splitting: false} (Idefics3) or {min_pixels: 50176, max_pixels: 200704} (Qwen)."},
+    )
     init_from: Optional[str] = field(
         default=None,
         metadata={"help": "A saved policy (run directory or its model/) to start from: its backbone, LoRA adapter and "
                           "action head; the energy head starts fresh. With use_lora false the backbone stays frozen."},
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.processor_kwargs, str):
+            try:
+                self.processor_kwargs = json.loads(self.processor_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"processor_kwargs={self.processor_kwargs!r} is not a JSON object: {e}") from None
+        if self.processor_kwargs is not None and not isinstance(self.processor_kwargs, dict):
+            raise ValueError(f"processor_kwargs={self.processor_kwargs!r}, expected a mapping of processor options")
 
 
 @dataclass
@@ -227,14 +245,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of options, got {type(raw).__name__}")
+    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):  # optional sections: model:, data:, lora:, energy:, train:
+        if isinstance(value, dict) and key not in known:  # optional sections: model:, data:, lora:, energy:, train:
             flat.update(value)
         else:
             flat[key] = value
     check_option_names(list(flat), str(path))
-    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
     unknown = sorted(set(flat) - known)
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}; known options are {sorted(known)}")

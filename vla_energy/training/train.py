@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                               lora_args, action_dim, data_args.horizon, norm_stats)
         else:
             loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
-                                   model_args.dtype, seed=train.seed)
+                                   model_args.dtype)
             backbone, action_head = apply_lora(loaded.model, lora_args), None
         plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
                               loaded.action_token_id, action_head=action_head)
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token)
+    collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token,
+                           processor_kwargs=model_args.processor_kwargs)
     train_dl = DataLoader(train_ds, batch_size=train.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                           num_workers=train.dataloader_num_workers)
     # Evenly spaced over the held-out split, so that every validation episode is represented; each sample carries
