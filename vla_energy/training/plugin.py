@@ -157,6 +157,7 @@ class EnergyPlugin:
             self.plan, head, ctx, actions, accelerator,
             context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
             action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
+            false_negative_eps=self.args.false_negative_eps,
         )
 
     def after_optimizer_step(self) -> None:
