@@ -13,13 +13,17 @@ __all__ = ["main", "evaluate_run"]
 
 def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str | Path] = None,
                  max_samples: int = 256, device: str = "cpu", progress: bool = True,
-                 trust_remote_code: bool = False) -> dict[str, float]:
-    """Per-negative-type accuracy, energy gaps and L1 of policy / rerank / refine; writes metrics, report, PNGs."""
+                 trust_remote_code: bool = False, num_candidates: int = 16) -> dict[str, float]:
+    """Ranking metrics (as in training), per-type accuracy and gaps, and the selection baselines with 95% intervals.
+
+    Writes metrics.json, report.md and PNGs (energies per type, accuracy per type, L1 per candidate source).
+    """
     from torch.utils.data import DataLoader
 
     from vla_energy.data import VLACollator, build_datasets
     from vla_energy.evaluation.metrics import collect_eval_outputs, metrics_by_negative_type, spread_indices
     from vla_energy.evaluation.report import plot_energy_histograms, write_metrics, write_report
+    from vla_energy.evaluation.selection import plot_selection, selection_metrics
     from vla_energy.inference.serialization import load_policy
     from vla_energy.training.arguments import load_run_config
 
@@ -35,9 +39,14 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
     loader = DataLoader(ds, batch_size=32, collate_fn=collator)
     batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
     result = collect_eval_outputs(policy.backbone, policy.plugin, batches, progress=progress)
+    head = policy.plugin.energy_head
     metrics, energies = metrics_by_negative_type(
-        policy.plugin.energy_head, result, tuple(energy_args.noise_sigmas), train.eval_num_negatives,
-        seed=data_cfg.data_seed)
+        head, result, tuple(energy_args.noise_sigmas), train.eval_num_negatives, seed=data_cfg.data_seed,
+        false_negative_eps=energy_args.false_negative_eps)
+    train_chunks = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
+    selection, table = selection_metrics(head, result, train_chunks, num_samples=num_candidates,
+                                         seed=data_cfg.data_seed)
+    metrics.update(selection)
     out = Path(out_dir) if out_dir else run_dir / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
@@ -45,10 +54,10 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
     plot_energy_histograms(out / "energy_by_type.png", groups, f"energies on {split}: positive vs each type")
     _bar(out / "accuracy_by_type.png", {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")},
          "top-1 accuracy of the true chunk per negative type", metrics["chance_acc"])
-    _bar(out / "action_l1.png", {k[10:]: v for k, v in metrics.items() if k.startswith("action_l1/")},
-         "action L1 (normalized units)")
+    plot_selection(out / "selection.png", table,
+                   f"L1 per candidate source ({num_candidates} candidates, 95% bootstrap intervals)")
     write_report(out / "report.md", f"Evaluation of `{run_dir.name}` on {split} ({len(ds)} samples)", metrics,
-                 ["energy_by_type.png", "accuracy_by_type.png", "action_l1.png"])
+                 ["energy_by_type.png", "accuracy_by_type.png", "selection.png"])
     return metrics
 
 
@@ -116,9 +125,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
+    ev.add_argument("--num_candidates", type=int, default=16, help="candidates per source (the policy's included)")
     args = parser.parse_args(argv)
     metrics = evaluate_run(args.run_dir, args.split, args.out_dir, args.max_samples, args.device,
-                           not args.disable_tqdm, args.trust_remote_code)
+                           not args.disable_tqdm, args.trust_remote_code, args.num_candidates)
     for key, value in metrics.items():
         print(f"{key:28s} {value:.4f}")
     return 0

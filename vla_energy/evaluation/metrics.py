@@ -11,10 +11,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vla_energy.backbones.readout import backbone_forward
+from vla_energy.losses.negatives import false_negative_mask
 from vla_energy.losses.policy_l1 import masked_l1
 from vla_energy.training.plugin import EnergyPlugin
 
-__all__ = ["spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics", "evaluate"]
+__all__ = [
+    "spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics", "evaluate",
+    "metrics_by_negative_type",
+]
 
 
 def spread_indices(total: int, count: int) -> list[int]:
@@ -89,11 +93,30 @@ def _pad_contexts(contexts: list[Tensor]) -> tuple[Tensor, Tensor]:
     return ctx, mask
 
 
+def _rms_to_truth(truth: Tensor, chunks: Tensor, mask: Tensor) -> Tensor:
+    """[b, K] RMS distance of each row's chunks [b,K,H,Da] to its truth [b,H,Da] over the truth's real steps."""
+    sq = (chunks.double() - truth.double()[:, None]).square().mean(dim=-1)  # [b, K, H]
+    steps = mask.double()[:, None]
+    return ((sq * steps).sum(dim=-1) / steps.sum(dim=-1).clamp(min=1)).sqrt()
+
+
 @torch.no_grad()
 def ranking_metrics(
-    head: nn.Module, result: EvalResult, num_negatives: int = 31, seed: int = 0, batch_size: int = 64
+    head: nn.Module,
+    result: EvalResult,
+    num_negatives: int = 31,
+    seed: int = 0,
+    batch_size: int = 64,
+    false_negative_eps: float = 1e-2,
 ) -> dict[str, float]:
-    """top1_acc against the fixed pool, chance_acc, e_pos, e_neg, gap, action_l1 of the policy."""
+    """The one definition of the ranking metrics, used by training's evaluation and by `vla-energy evaluate`.
+
+    The true chunk competes with `num_negatives` chunks of other episodes (fixed by `seed`); every chunk is scored
+    with its own action_mask. Pool chunks within `false_negative_eps` RMS of the truth (over its real steps) are
+    look-alikes: masked, as in training. top1_acc: the truth has lower energy than every unmasked pool chunk;
+    argmin_rms: RMS distance to the truth of the lowest-energy chunk (truth or unmasked pool); lookalikes: masked
+    pool chunks per sample; action_l1: the policy's L1 over real steps (losses.policy_l1.masked_l1).
+    """
     n = len(result.actions)
     if n == 0:
         raise ValueError("the evaluation split is empty")
@@ -102,27 +125,46 @@ def ranking_metrics(
     actions = torch.stack(result.actions)
     masks = torch.stack(result.action_mask)
     device = next(head.parameters()).device
-    e_pos, e_neg, wins = [], [], []
+    e_all = []
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         ctx, cmask = _pad_contexts([result.contexts[i] for i in idx])
         cands = torch.cat([actions[idx, None], actions[pool[idx]]], dim=1)  # [b, 1+M, H, Da], true chunk first
         cmasks = torch.cat([masks[idx, None], masks[pool[idx]]], dim=1)
         e = head(ctx.to(device), cands.to(device), context_mask=cmask.to(device), action_mask=cmasks.to(device))
-        e = e.float().cpu()
-        e_pos.append(e[:, 0])
-        e_neg.append(e[:, 1:])
-        wins.append(e[:, 0] < e[:, 1:].min(dim=1).values)
-    e_pos_t, e_neg_t = torch.cat(e_pos), torch.cat(e_neg)
-    result.ranking_energies = torch.cat([e_pos_t[:, None], e_neg_t], dim=1)
-    policy = torch.stack(result.policy)
+        e_all.append(e.float().cpu())
+    e = torch.cat(e_all)
+    result.ranking_energies = e
+    cands = torch.cat([actions[:, None], actions[pool]], dim=1)
+    cmasks = torch.cat([masks[:, None], masks[pool]], dim=1)
+    return summarize_ranking(e, cands, cmasks, torch.stack(result.policy), false_negative_eps)
+
+
+def summarize_ranking(energies: Tensor, candidates: Tensor, candidate_mask: Tensor, policy: Tensor,
+                      false_negative_eps: float = 1e-2) -> dict[str, float]:
+    """The ranking metrics from the energies [N,1+M] of candidates [N,1+M,H,Da] (true chunk first, with its
+    action mask [N,1+M,H]) and the policy's chunks [N,H,Da]: what every evaluation path reports (see
+    ranking_metrics for the definitions)."""
+    n = energies.shape[0]
+    if n == 0:
+        raise ValueError("the evaluation split is empty")
+    e, candidates, candidate_mask = energies.float().cpu(), candidates.float().cpu(), candidate_mask.bool().cpu()
+    actions, masks = candidates[:, 0], candidate_mask[:, 0]
+    keep = false_negative_mask(actions, candidates[:, 1:], masks, false_negative_eps)
+    dist = _rms_to_truth(actions, candidates, masks)
+    e_pos, e_neg = e[:, 0], e[:, 1:]
+    usable = torch.cat([torch.ones(n, 1, dtype=torch.bool), keep], dim=1)
+    choice = e.masked_fill(~usable, float("inf")).argmin(dim=1)
+    lowest_other = e_neg.masked_fill(~keep, float("inf")).min(dim=1).values
     return {
-        "top1_acc": float(torch.cat(wins).float().mean()),
-        "chance_acc": 1.0 / (num_negatives + 1),
-        "e_pos": float(e_pos_t.mean()),
-        "e_neg": float(e_neg_t.mean()),
-        "gap": float(e_neg_t.mean() - e_pos_t.mean()),
-        "action_l1": float(masked_l1(policy, actions, masks)),
+        "top1_acc": float((e_pos < lowest_other).float().mean()),
+        "chance_acc": 1.0 / e.shape[1],
+        "e_pos": float(e_pos.mean()),
+        "e_neg": float(e_neg[keep].mean()) if bool(keep.any()) else float("nan"),
+        "gap": float(e_neg[keep].mean() - e_pos.mean()) if bool(keep.any()) else float("nan"),
+        "lookalikes": float((~keep).sum(dim=1).double().mean()),
+        "argmin_rms": float(dist[torch.arange(n), choice].mean()),
+        "action_l1": float(masked_l1(policy.float().cpu(), actions, masks)),
         "eval_samples": float(n),
     }
 
@@ -137,7 +179,9 @@ def evaluate(
 ) -> tuple[dict[str, float], EvalResult]:
     """Collect outputs on the split and compute the ranking metrics with the plugin's energy head."""
     result = collect_eval_outputs(backbone, plugin, batches, progress)
-    return ranking_metrics(plugin.energy_head, result, num_negatives, seed), result
+    metrics = ranking_metrics(plugin.energy_head, result, num_negatives, seed,
+                              false_negative_eps=plugin.args.false_negative_eps)
+    return metrics, result
 
 
 @torch.no_grad()
@@ -147,28 +191,25 @@ def metrics_by_negative_type(
     noise_sigmas: tuple[float, ...] = (0.1, 0.2, 0.4),
     num_negatives: int = 31,
     seed: int = 0,
-    batch_size: int = 32,
-    rerank_samples: int = 16,
-    rerank_sigma: float = 0.1,
-    refine_steps: int = 10,
-    refine_step_size: float = 0.05,
+    batch_size: int = 64,
+    false_negative_eps: float = 1e-2,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Top-1 accuracy and energy gap of the true chunk per negative type; L1 of policy vs rerank vs refine.
+    """ranking_metrics (the same numbers as training's evaluation), plus top-1 and energy gap per negative type.
 
     Types: `other_episodes` (the fixed pool), `layer` (layer-wise predictions except the last, which is the
-    policy), `noise<sigma>` for each sigma, `shuffle`. Returns (metrics, energies per type incl. `positive`).
+    policy), `noise<sigma>` for each sigma, `shuffle`; look-alikes of the truth are masked in every type.
+    Returns (metrics, energies per type incl. `positive`).
     """
-    from vla_energy.inference.rerank import propose_candidates, refine, rerank
     from vla_energy.losses.negatives import build_negatives
 
+    metrics = ranking_metrics(head, result, num_negatives, seed, batch_size, false_negative_eps)
     n = len(result.actions)
-    pool = fixed_negative_pool(torch.tensor(result.episode_index), num_negatives, seed)
     actions, masks = torch.stack(result.actions), torch.stack(result.action_mask)
-    policy, layers = torch.stack(result.policy), torch.stack(result.layer_actions)  # [N,H,Da], [N,L,H,Da]
+    layers = torch.stack(result.layer_actions)[:, :-1]  # [N,L-1,H,Da]
     device = next(head.parameters()).device
     g = torch.Generator().manual_seed(seed)
     energies: dict[str, list[Tensor]] = {}
-    l1 = {"policy": [], "rerank": [], "refine": []}
+    keeps: dict[str, list[Tensor]] = {}
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         ctx, cmask = (t.to(device) for t in _pad_contexts([result.contexts[i] for i in idx]))
@@ -176,35 +217,28 @@ def metrics_by_negative_type(
         explicit = build_negatives(pos, None, num_negatives=len(noise_sigmas) + 1, layer_mode="none",
                                    noise_sigmas=tuple(noise_sigmas), shuffle=True, false_negative_eps=0.0,
                                    action_mask=am, generator=g)
-        groups = {"positive": pos[:, None], "other_episodes": actions[pool[idx]], "layer": layers[idx, :-1]}
+        groups = {"layer": layers[idx]}
         for j, kind in enumerate(explicit.types):
             groups.setdefault(kind, explicit.actions[:, j : j + 1])
-        cands = torch.cat(list(groups.values()), dim=1).to(device)
-        e = head(ctx, cands, context_mask=cmask).float().cpu()
+        cands = torch.cat(list(groups.values()), dim=1)
+        cand_mask = am[:, None].expand(-1, cands.shape[1], -1)
+        e = head(ctx, cands.to(device), context_mask=cmask, action_mask=cand_mask.to(device)).float().cpu()
+        keep = false_negative_mask(pos, cands, am, false_negative_eps)
         col = 0
         for kind, block in groups.items():
             energies.setdefault(kind, []).append(e[:, col : col + block.shape[1]])
+            keeps.setdefault(kind, []).append(keep[:, col : col + block.shape[1]])
             col += block.shape[1]
-        pol = policy[idx].to(device)
-        gen = torch.Generator(device=device).manual_seed(seed + start)
-        proposals, _ = propose_candidates(pol, [layers[idx, i].to(device) for i in range(layers.shape[1] - 1)],
-                                          rerank_samples, rerank_sigma, generator=gen)
-        chosen = rerank(head, ctx, proposals, context_mask=cmask).best.cpu()
-        refined = refine(head, ctx, pol, refine_steps, refine_step_size, context_mask=cmask)[0].cpu()
-        for name, chunk in (("policy", policy[idx]), ("rerank", chosen), ("refine", refined)):
-            # Sums, so that the final value weights every real step alike, as masked_l1 does in training.
-            l1[name].append(torch.stack([((chunk - pos).abs() * am[..., None]).sum(), am.sum() * pos.shape[-1]]))
-    joined = {k: torch.cat(v) for k, v in energies.items()}
-    e_pos = joined["positive"][:, 0]
-    metrics: dict[str, float] = {"chance_acc": 1.0 / (num_negatives + 1), "eval_samples": float(n)}
-    for kind, e in joined.items():
-        if kind == "positive" or e.shape[1] == 0:
+    e_rank = result.ranking_energies
+    joined = {"positive": e_rank[:, :1], "other_episodes": e_rank[:, 1:]}
+    joined.update({k: torch.cat(v) for k, v in energies.items()})
+    e_pos = e_rank[:, 0]
+    metrics["acc/other_episodes"] = metrics["top1_acc"]
+    metrics["gap/other_episodes"] = metrics["gap"]
+    for kind, parts in keeps.items():
+        e, keep = joined[kind], torch.cat(parts)
+        if e.shape[1] == 0:
             continue
-        metrics[f"acc/{kind}"] = float((e_pos < e.min(dim=1).values).float().mean())
-        metrics[f"gap/{kind}"] = float(e.mean() - e_pos.mean())
-    metrics["top1_acc"] = metrics["acc/other_episodes"]
-    metrics["e_pos"] = float(e_pos.mean())
-    for name, values in l1.items():
-        total, count = torch.stack(values).sum(dim=0)
-        metrics[f"action_l1/{name}"] = float(total / count)
+        metrics[f"acc/{kind}"] = float((e_pos < e.masked_fill(~keep, float("inf")).min(dim=1).values).float().mean())
+        metrics[f"gap/{kind}"] = float(e[keep].mean() - e_pos.mean()) if bool(keep.any()) else float("nan")
     return metrics, joined

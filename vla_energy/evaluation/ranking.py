@@ -57,36 +57,28 @@ class RankingCollator:
 
 
 class RankingTally:
-    """Gathered ranking energies and policy errors of an evaluation, reduced to metrics (same on every rank)."""
+    """Gathered ranking energies, candidates and policy chunks of an evaluation, reduced to metrics by
+    evaluation.metrics.summarize_ranking (the one definition; same on every rank)."""
 
-    def __init__(self) -> None:
-        self.energies: list[Tensor] = []
-        self.l1: list[Tensor] = []  # [sum |err| over real steps, real step count x Da] per sample
+    def __init__(self, false_negative_eps: float = 1e-2) -> None:
+        self.false_negative_eps = false_negative_eps
+        self.parts: dict[str, list[Tensor]] = {"energies": [], "candidates": [], "candidate_mask": [], "policy": []}
 
-    def add(self, energies: Tensor, policy: Tensor, actions: Tensor, action_mask: Tensor | None) -> None:
+    def add(self, energies: Tensor, candidates: Tensor, candidate_mask: Tensor, policy: Tensor) -> None:
         """One batch's (already gathered, deduplicated) outputs."""
-        mask = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device) if action_mask is None \
-            else action_mask.bool()
-        err = ((policy.float() - actions.float()).abs() * mask[..., None]).sum(dim=(1, 2))
-        self.energies.append(energies.float().cpu())
-        self.l1.append(torch.stack([err, mask.sum(dim=1).float() * actions.shape[-1]], dim=1).cpu())
+        for key, value in zip(self.parts, (energies, candidates, candidate_mask, policy)):
+            self.parts[key].append(value.detach().cpu())
 
     def metrics(self) -> dict[str, float]:
-        """top1_acc (true chunk strictly lowest), chance_acc, e_pos, e_neg, gap, action_l1, eval_samples."""
-        if not self.energies:
+        """top1_acc, chance_acc, e_pos, e_neg, gap, lookalikes, argmin_rms, action_l1, eval_samples."""
+        from vla_energy.evaluation.metrics import summarize_ranking
+
+        if not self.parts["energies"]:
             raise ValueError("the evaluation split is empty")
-        e = torch.cat(self.energies)
-        l1 = torch.cat(self.l1).sum(dim=0)
-        return {
-            "top1_acc": float((e[:, 0] < e[:, 1:].min(dim=1).values).float().mean()),
-            "chance_acc": 1.0 / e.shape[1],
-            "e_pos": float(e[:, 0].mean()),
-            "e_neg": float(e[:, 1:].mean()),
-            "gap": float(e[:, 1:].mean() - e[:, 0].mean()),
-            "action_l1": float(l1[0] / l1[1].clamp(min=1)),
-            "eval_samples": float(e.shape[0]),
-        }
+        cat = {k: torch.cat(v) for k, v in self.parts.items()}
+        return summarize_ranking(cat["energies"], cat["candidates"], cat["candidate_mask"], cat["policy"],
+                                 self.false_negative_eps)
 
     def ranking_energies(self) -> Tensor:
         """[N, 1+M] energies, true chunk first (for the histograms of the report)."""
-        return torch.cat(self.energies)
+        return torch.cat(self.parts["energies"]).float()

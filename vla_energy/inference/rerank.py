@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vla_energy.checks import check_tensor
 
-__all__ = ["RerankResult", "rerank", "propose_candidates", "refine", "PREDICT_MODES"]
+__all__ = ["RerankResult", "rerank", "propose_candidates", "refine", "refine_line_search", "PREDICT_MODES"]
 
 PREDICT_MODES = ("policy", "rerank", "refine")
 # A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
@@ -126,3 +126,63 @@ def refine(
         lr = torch.where(better[:, None, None], lr, lr * 0.5)
         trace.append(energy)
     return a, torch.stack(trace)
+
+
+def refine_line_search(
+    head: nn.Module,
+    context: Tensor,
+    actions: Tensor,
+    steps: int = 10,
+    step_sizes: Sequence[float] = (0.2, 0.1, 0.05, 0.02, 0.01),
+    context_mask: Optional[Tensor] = None,
+    action_mask: Optional[Tensor] = None,
+    low: float = -1.0,
+    high: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Descend E along -grad with a line search: every step size is scored, the best is kept only if it is lower.
+
+    actions [B,H,Da] or [B,K,H,Da] (K starts per context, scored without copying the context). The direction is
+    the gradient scaled to RMS 1 per chunk, so step sizes are RMS displacements in action units. The energy never
+    increases. Returns (refined actions, energies [steps+1, B(,K)]).
+    """
+    single = actions.dim() == 3
+    chunks = actions[:, None] if single else actions
+    check_tensor("actions", chunks, ("B", "K", "H", "Da"), B=context.shape[0])
+    sizes = [float(s) for s in step_sizes]
+    if steps < 0 or not sizes or min(sizes) <= 0:
+        raise ValueError(f"steps={steps}, step_sizes={step_sizes}: need steps >= 0 and step sizes > 0")
+    if low > high:
+        raise ValueError(f"low={low} > high={high}: the bounds are empty")
+    b, k = chunks.shape[:2]
+    mask = None
+    if action_mask is not None:
+        mask = action_mask[:, None].expand(b, k, -1) if action_mask.dim() == 2 else action_mask
+
+    def energy(x: Tensor) -> Tensor:
+        reps = x.shape[1] // k
+        m = None if mask is None else mask.repeat(1, reps, 1)
+        return head(context, x, context_mask=context_mask, action_mask=m)
+
+    a = chunks.detach().clamp(low, high).clone()
+    with torch.no_grad():
+        e = energy(a)
+    trace = [e]
+    scale = torch.tensor(sizes, dtype=a.dtype, device=a.device)[:, None, None, None, None]  # [J,1,1,1,1]
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = a.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(energy(x).sum(), x)
+        direction = grad / grad.square().mean(dim=(-2, -1), keepdim=True).sqrt().clamp(min=1e-12)
+        proposals = (a[None] - scale * direction[None]).clamp(low, high)  # [J,B,K,H,Da]
+        with torch.no_grad():
+            e_new = energy(proposals.transpose(0, 1).reshape(b, len(sizes) * k, *a.shape[2:]))
+        e_new = e_new.view(b, len(sizes), k)
+        best, j = e_new.min(dim=1)  # [B,K]
+        better = best < e
+        rows, cols = torch.arange(b, device=a.device)[:, None], torch.arange(k, device=a.device)[None]
+        picked = proposals.permute(1, 2, 0, 3, 4)[rows, cols, j]
+        a = torch.where(better[..., None, None], picked, a)
+        e = torch.where(better, best, e)
+        trace.append(e)
+    out, trace_t = a, torch.stack(trace)
+    return (out[:, 0], trace_t[..., 0]) if single else (out, trace_t)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from vla_energy.checks import check_tensor
+from vla_energy.losses.false_negatives import lookalike_mask
 
 __all__ = ["ActionBank"]
 
@@ -83,15 +84,8 @@ class ActionBank:
         """[b, n] True where a bank entry is a usable negative: not the positive's own sample, not within eps."""
         check_tensor("positives", positives, ("B", "H", "Da"), H=self.horizon, Da=self.action_dim)
         actions, _, ids = self.entries()
-        pos = positives.to(actions.device, actions.dtype)
-        steps = (torch.ones(pos.shape[:2], device=pos.device) if positive_mask is None
-                 else positive_mask.to(pos.device).float())
-        sq = ((pos[:, None] - actions[None]) ** 2).mean(-1)  # [b, n, H]
-        rms = ((sq * steps[:, None]).sum(-1) / steps.sum(-1, keepdim=True).clamp(min=1)).sqrt()
-        keep = rms > self.eps
-        if positive_ids is not None:
-            keep &= ids[None, :] != positive_ids.to(ids.device)[:, None]
-        return keep
+        mask = None if positive_mask is None else positive_mask.to(actions.device)
+        return ~lookalike_mask(positives.to(actions.device), actions, self.eps, mask, positive_ids, ids)
 
     def state_dict(self) -> dict[str, Any]:
         """Contents and pointer (tensors only, so it can be saved as safetensors)."""

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from vla_energy.checks import check_mask, check_tensor
 from vla_energy.losses.bank import ActionBank
+from vla_energy.losses.false_negatives import lookalike_mask
 from vla_energy.losses.infonce import TauLike, finish_stats, infonce_rows, infonce_stat_sums
 from vla_energy.losses.negatives import Negatives
 
@@ -102,6 +103,7 @@ def global_infonce_loss(
     negative_types: Optional[Sequence[str]] = None,
     batch: str = "global",
     symmetric: bool = False,
+    false_negative_eps: float = 1e-2,
 ) -> tuple[Tensor, dict[str, float]]:
     """InfoNCE of each local context against all processes' chunks (+ explicit negatives + bank) in one softmax.
 
@@ -109,6 +111,8 @@ def global_infonce_loss(
     its [b,M] explicit negatives and the bank. Each rank's loss is sum(rows) * W / N_total, so DDP's gradient mean
     equals the gradient of one process holding all N samples, also for uneven and empty local batches.
     batch="local" is the per-process in-batch baseline; batch="none" uses only explicit negatives and the bank.
+    Batch columns that are a row's own sample (sample_ids) or within `false_negative_eps` RMS of its positive (over
+    its real steps) are masked like bank entries; stats["false_negatives"] counts them per row.
     """
     if batch not in BATCH_MODES:
         raise ValueError(f"batch={batch!r}, expected one of {BATCH_MODES}")
@@ -138,18 +142,19 @@ def global_infonce_loss(
     # Shared columns (the same chunks for every local context) and per-sample columns, scored in one forward.
     am = torch.ones(b, h, dtype=torch.bool, device=context.device) if action_mask is None else action_mask.bool()
     shared, shared_mask, valid = [], [], []
-    if gathered is not None:
-        shared.append(gathered.actions)
-        shared_mask.append(gathered.action_mask)
-        types += ["batch"] * gathered.actions.shape[0]
-        valid.append(torch.ones(b, gathered.actions.shape[0], dtype=torch.bool, device=context.device))
-        labels = gathered.offset + torch.arange(b, device=context.device)
-    elif batch == "local":
-        shared.append(actions)
-        shared_mask.append(am)
-        types += ["batch"] * b
-        valid.append(torch.ones(b, b, dtype=torch.bool, device=context.device))
-        labels = torch.arange(b, device=context.device)
+    lookalikes = torch.zeros(b, dtype=torch.float64, device=context.device)
+    if batch in ("global", "local"):
+        cols, col_mask, col_ids, first = ((gathered.actions, gathered.action_mask, gathered.sample_ids, gathered.offset)
+                                          if gathered is not None else (actions, am, sample_ids, 0))
+        labels = first + torch.arange(b, device=context.device)
+        # Identical chunks (idle segments, neighbouring frames, repeated samples) are not pushed apart.
+        same = lookalike_mask(actions, cols, false_negative_eps, action_mask, sample_ids, col_ids).to(context.device)
+        same[torch.arange(b, device=context.device), labels] = False
+        lookalikes = same.sum(dim=1).double()
+        shared.append(cols)
+        shared_mask.append(col_mask)
+        types += ["batch"] * cols.shape[0]
+        valid.append(~same)
     if bank is not None and len(bank):
         bank_actions, bank_mask, _ = bank.entries()
         shared.append(bank_actions.to(actions.dtype))
@@ -196,7 +201,8 @@ def global_infonce_loss(
     loss = (rows * keep).sum() * (world / max(total_rows, 1.0))
     if symmetric and gathered is not None:
         loss = loss + _symmetric_term(energies[:, : gathered.actions.shape[0]], gathered, tau_value, world)
-    stats = _global_stats(accelerator, e_detached, labels, neg, types, tau_value, head, rows.detach(), keep)
+    stats = _global_stats(accelerator, e_detached, labels, neg, types, tau_value, head, rows.detach(), keep,
+                          lookalikes)
     return loss, stats
 
 
@@ -239,12 +245,14 @@ def _global_stats(
     head: nn.Module,
     rows: Tensor,
     keep: Tensor,
+    lookalikes: Tensor,
 ) -> dict[str, float]:
     """The statistics of losses.infonce_stat_sums, summed over processes in one all-reduce, then divided."""
     cfg = getattr(head, "config", None) or getattr(getattr(head, "module", None), "config", None)
     t = float(tau.detach())
     sums = infonce_stat_sums(energies, labels, neg, t, types, cfg.energy_range if cfg is not None else None)
     sums["loss"] = ((rows.double() * keep).sum(), keep.sum().double())
+    sums["false_negatives"] = (lookalikes.sum(), torch.tensor(float(lookalikes.numel()), dtype=torch.float64, device=lookalikes.device))
     packed = torch.stack([torch.stack([s.double(), w.double()]) for s, w in sums.values()])
     packed = _reduce_sum(accelerator, packed.to(energies.device)).cpu()
     return finish_stats({k: (p[0], p[1]) for k, p in zip(sums, packed)}, t)

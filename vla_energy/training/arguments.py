@@ -94,6 +94,14 @@ class EnergyArguments:
     false_negative_eps: float = field(
         default=1e-2, metadata={"help": "Negatives within this RMS distance of the positive are masked."}
     )
+    policy_error_negatives: int = field(
+        default=0, metadata={"help": "Near negatives per positive: truth + noise at the running policy error's scale "
+                                     "per step and action dim (0: none; needs explicit negatives)."}
+    )
+    policy_negative: bool = field(
+        default=False, metadata={"help": "The policy's own chunk (detached) as a negative when farther than "
+                                         "false_negative_eps from the truth (needs explicit negatives)."}
+    )
     bank_size: int = field(default=0, metadata={"help": "ActionBank size: recent gathered chunks as negatives (0: none)."})
     symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
     context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})

@@ -16,6 +16,7 @@ from vla_energy.backbones.readout import BackboneReadout, read_backbone
 from vla_energy.losses.bank import ActionBank
 from vla_energy.losses.negatives import build_negatives
 from vla_energy.losses.policy_l1 import masked_l1
+from vla_energy.losses.policy_negatives import RunningPolicyError, concat_negatives, policy_negatives
 from vla_energy.losses.strategy import StrategyPlan, plan_strategy, strategy_loss
 from vla_energy.losses.temperature import make_temperature
 from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
@@ -69,6 +70,7 @@ class EnergyPlugin:
         )
         self.temperature: nn.Module = make_temperature(args.temperature, args.tau)
         self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
+        self.policy_error = RunningPolicyError(horizon, action_dim) if args.policy_error_negatives else None
         self.plan: Optional[StrategyPlan] = None
         self.generator: Optional[torch.Generator] = None
         self.process_index = 0
@@ -181,12 +183,21 @@ class EnergyPlugin:
                 action_mask=action_mask,
                 generator=self.generator,
             )
+            if layer_actions and (self.args.policy_error_negatives or self.args.policy_negative):
+                scale = None
+                if self.policy_error is not None:  # evaluation reads the running error, never moves it
+                    scale = (self.policy_error.scale.to(actions.device) if self.is_evaluating else
+                             self.policy_error.update(accelerator, layer_actions[-1], actions, action_mask))
+                negatives = concat_negatives(negatives, policy_negatives(
+                    actions, layer_actions[-1], scale, self.args.policy_error_negatives, self.args.policy_negative,
+                    action_mask, self.args.false_negative_eps, self.generator))
         staged = self.bank.num_staged() if self.bank is not None else 0
         try:
             return strategy_loss(
                 self.plan, head, ctx, actions, accelerator,
                 context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
                 action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
+                false_negative_eps=self.args.false_negative_eps,
             )
         finally:
             if self.is_evaluating and self.bank is not None:
@@ -207,6 +218,8 @@ class EnergyPlugin:
         state: dict[str, Any] = {"temperature": self.temperature.state_dict()}
         if self.bank is not None:
             state["bank"] = self.bank.state_dict()
+        if self.policy_error is not None:
+            state["policy_error"] = self.policy_error.state_dict()
         state["draws"] = self.draws
         return state
 
@@ -217,6 +230,8 @@ class EnergyPlugin:
             if "bank" not in state:
                 raise ValueError("checkpoint has no action bank state but bank_size > 0")
             self.bank.load_state_dict(state["bank"])
+        if self.policy_error is not None and "policy_error" in state:
+            self.policy_error.load_state_dict(state["policy_error"])
         self.draws = int(state.get("draws", 0))
 
     def config_dict(self) -> dict[str, Any]:

@@ -163,13 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def run_eval() -> tuple[dict[str, float], RankingTally]:
         """Ranking accuracy and losses on the held-out split; every rank evaluates its share, results gathered."""
         model.eval()
-        tally, losses = RankingTally(), []
+        tally, losses = RankingTally(energy_args.false_negative_eps), []
         with torch.no_grad():
             for batch in eval_dl:
                 out = model(**batch)
-                energies, policy, actions, mask = accelerator.gather_for_metrics(
-                    (out.ranking_energies, out.policy, batch["actions"], batch["action_mask"]))
-                tally.add(energies, policy, actions, mask)
+                tally.add(*accelerator.gather_for_metrics(
+                    (out.ranking_energies, batch["candidate_actions"], batch["candidate_mask"], out.policy)))
                 losses.append(torch.stack([out.loss.detach().float(), out.energy_loss.float()]))
         model.train()
         metrics = tally.metrics()

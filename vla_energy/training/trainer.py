@@ -106,7 +106,7 @@ class EnergyLossMixin:
         self._ranked: dict[int, RankingDataset] = {}
         self._eval_sums: dict[str, float] = {}
         self._eval_count = 0
-        self._tally = RankingTally()
+        self._tally = RankingTally(self.energy_plugin.args.false_negative_eps)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             warnings.warn("DeepSpeed clips all gradients together with its config's gradient_clipping; the energy "
                           "group's own clip norm does not apply (docs/distributed.md)", stacklevel=2)
@@ -156,7 +156,7 @@ class EnergyLossMixin:
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """The Trainer's loop plus the energy metrics and the held-out top-1 (`eval_top1_acc`)."""
-        self._eval_sums, self._eval_count, self._tally = {}, 0, RankingTally()
+        self._eval_sums, self._eval_count, self._tally = {}, 0, RankingTally(self.energy_plugin.args.false_negative_eps)
         out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         metrics = dict(out.metrics)
         if self._eval_count:
@@ -197,9 +197,8 @@ class EnergyLossMixin:
                 self._eval_sums[k] = self._eval_sums.get(k, 0.0) + v
             self._eval_count += 1
             if outputs.ranking_energies is not None:
-                gathered = self.accelerator.gather_for_metrics(
-                    (outputs.ranking_energies, outputs.policy, inputs["actions"], inputs.get("action_mask")))
-                self._tally.add(*gathered)
+                self._tally.add(*self.accelerator.gather_for_metrics(
+                    (outputs.ranking_energies, inputs["candidate_actions"], inputs["candidate_mask"], outputs.policy)))
         loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 
