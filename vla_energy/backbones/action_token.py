@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["add_action_token", "check_action_token"]
@@ -27,8 +28,17 @@ def add_action_token(processor: Any, model: nn.Module, token: str = "<|action|>"
     if token not in tokenizer.get_vocab():
         tokenizer.add_tokens([token], special_tokens=True)
         # Many checkpoints pad the embedding matrix past the tokenizer (e.g. to a multiple of 128): grow, never shrink.
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > old_rows:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            # A new row at the mean of the others, not a random draw: the same weights in every process and on
+            # every rebuild, so that a resumed run or a checkpoint loaded as a policy sees the same token.
+            out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            with torch.no_grad():
+                for module in (model.get_input_embeddings(), out):
+                    if module is not None and module.weight.shape[0] == len(tokenizer):
+                        weight = module.weight
+                        weight[old_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
     token_id = int(tokenizer.convert_tokens_to_ids(token))
     check_action_token(tokenizer, token, token_id)
     return token_id

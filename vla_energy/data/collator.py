@@ -147,17 +147,9 @@ class VLACollator:
         for key in (*self.image_keys, self.instruction_key):
             if key not in examples[0]:
                 raise ValueError(f"example has no {key!r}; its keys are {sorted(examples[0])}")
-        images = [self.images_of(ex) for ex in examples]
-        counts = {len(ims) for ims in images}
-        if len(counts) != 1:
-            raise ValueError(f"examples have {sorted(counts)} images each, expected one camera count per batch")
-        texts = [self.prompt(str(ex[self.instruction_key]), len(ims)) for ex, ims in zip(examples, images)]
-        flat = [ims[0] for ims in images] if counts == {1} else images
-        inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True, **self.processor_kwargs)
-        self._check_placeholders(inputs["input_ids"])
+        batch = self.model_inputs([self.images_of(ex) for ex in examples],
+                                  [str(ex[self.instruction_key]) for ex in examples])
         actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
-        # PaliGemma's processor returns LM labels; with them the backbone would compute a vocabulary-wide loss.
-        batch = {k: v for k, v in inputs.items() if k != "labels"}
         batch["actions"] = torch.from_numpy(actions)
         if "action_mask" in examples[0]:
             batch["action_mask"] = torch.from_numpy(self._stack(examples, "action_mask", np.bool_, (self.horizon,)))
@@ -168,6 +160,20 @@ class VLACollator:
         if all(ex.get(self.state_key) is not None for ex in examples):
             batch["state"] = torch.from_numpy(self._stack(examples, self.state_key, np.float32, ("Ds",)))
         return batch
+
+    def model_inputs(self, images: Sequence[Sequence[PILImage.Image]], instructions: Sequence[str]
+                     ) -> dict[str, torch.Tensor]:
+        """The backbone's inputs for each sample's camera images (in camera order) and instruction: what training
+        and EnergyPolicy both feed the model."""
+        counts = {len(ims) for ims in images}
+        if len(counts) != 1:
+            raise ValueError(f"samples have {sorted(counts)} images each, expected one camera count per batch")
+        texts = [self.prompt(text, len(ims)) for text, ims in zip(instructions, images)]
+        flat = [ims[0] for ims in images] if counts == {1} else [list(ims) for ims in images]
+        inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True, **self.processor_kwargs)
+        self._check_placeholders(inputs["input_ids"])
+        # PaliGemma's processor returns LM labels; with them the backbone would compute a vocabulary-wide loss.
+        return {k: v for k, v in inputs.items() if k != "labels"}
 
     def images_of(self, example: Mapping[str, Any]) -> list[PILImage.Image]:
         """The example's camera images in camera order (a column holding a list contributes all of them)."""

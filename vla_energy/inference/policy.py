@@ -67,13 +67,16 @@ class EnergyPolicy:
         self.loaded = loaded
         self.device = torch.device(device)
         plugin = loaded.plugin
-        self.collator = VLACollator(loaded.processor, horizon=plugin.horizon,
-                                    action_token=loaded.info["action_token"])
+        run = loaded.run_config() if hasattr(loaded, "run_config") else None
+        model_cfg, data_cfg = (run or {}).get("ModelArguments", {}), (run or {}).get("DataConfig", {})
+        # The prompt, processor options and camera layout of training.
+        self.collator = VLACollator(loaded.processor, horizon=plugin.horizon, action_token=loaded.info["action_token"],
+                                    processor_kwargs=model_cfg.get("processor_kwargs") or None)
+        self.camera_layout = data_cfg.get("camera_layout", "tile")
         self.n_action_steps = plugin.horizon if n_action_steps is None else int(n_action_steps)
         if not 1 <= self.n_action_steps <= plugin.horizon:
             raise ValueError(f"n_action_steps={n_action_steps}, expected 1..horizon={plugin.horizon}")
-        run = loaded.run_config() if hasattr(loaded, "run_config") else None
-        image_key = (run or {}).get("DataConfig", {}).get("image_key")
+        image_key = data_cfg.get("image_key")
         # The cameras the policy was trained on, in their tiling order (None: one unnamed image column).
         self.cameras = [k.strip() for k in image_key.split(",") if k.strip()] if image_key else None
         self._queue: deque[Tensor] = deque()
@@ -106,11 +109,11 @@ class EnergyPolicy:
 
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images and {len(instructions)} instructions, expected as many")
-        texts = [self.collator.prompt(t) for t in instructions]
-        pil = [to_pil_image(im) for im in images]
-        inputs = self.loaded.processor(text=texts, images=pil, return_tensors="pt", padding=True)
-        batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None)
-                 for k, v in dict(inputs).items() if k != "labels"}  # PaliGemma adds labels
+        # One image per sample, or a list of camera images per sample (camera_layout separate).
+        per_sample = [[to_pil_image(v) for v in im] if isinstance(im, (list, tuple)) else [to_pil_image(im)]
+                      for im in images]
+        inputs = self.collator.model_inputs(per_sample, list(instructions))
+        batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in inputs.items()}
         outputs = backbone_forward(self.loaded.backbone, batch)
         return self.plugin.read(outputs, batch)
 
@@ -158,8 +161,8 @@ class EnergyPolicy:
         self._queue.clear()
 
     def _parse_observation(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[str], bool]:
-        """(one image per sample, tasks, single) from dataset-keyed observations; several cameras are tiled."""
-        from vla_energy.data.loading import tile_images
+        """(images per sample, tasks, single) from dataset-keyed observations, cameras laid out as in training."""
+        from vla_energy.data.cameras import tile_images
 
         present = [k for k in observation if k.startswith("observation.image")]
         if self.cameras is not None and all(c in observation for c in self.cameras):
@@ -177,7 +180,10 @@ class EnergyPolicy:
         counts = {k: len(ims) for k, (ims, _) in zip(keys, per_camera)}
         if len(set(counts.values())) != 1:
             raise ValueError(f"cameras have different batch sizes {counts}")
-        images = [tile_images(list(ims)) if len(ims) > 1 else ims[0] for ims in zip(*(p[0] for p in per_camera))]
+        # As in training: several cameras tiled into one image, or (camera_layout separate) a list per sample.
+        tile = self.camera_layout == "tile"
+        images = [tile_images(list(ims)) if tile and len(ims) > 1 else list(ims) if len(ims) > 1 else ims[0]
+                  for ims in zip(*(p[0] for p in per_camera))]
         if "task" not in observation:
             raise ValueError(f"observation has no 'task' (the instruction string); keys: {sorted(observation)}")
         task = observation["task"]
