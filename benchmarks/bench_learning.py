@@ -130,7 +130,9 @@ def main() -> None:
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     """Held-out top-1 accuracy against optimizer steps, mean over seeds, one line per layout."""
-    from vla_energy.evaluation.report import plt
+    from vla_energy.evaluation.report import pyplot
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, runs in results.items():

@@ -184,7 +184,7 @@ def test_init_from_a_saved_policy(tmp_path):
     frozen = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "frozen", "--max_steps", "2", "--init_from",
                       str(runs / "a" / "model"), "--use_lora", "false"], tmp_path, 29648)
     assert frozen.returncode == 0, frozen.stdout[-3000:] + frozen.stderr[-3000:]
-    for part, moved in (("adapter/adapter_model.safetensors", False), ("backbone/model.safetensors", False),
+    for part, moved in (("adapter/adapter_model.safetensors", False), ("action_token_embedding.safetensors", False),
                         ("action_head/model.safetensors", True)):
         before, after = (load_file(str(runs / run / "model" / part)) for run in ("a", "frozen"))
         assert before.keys() == after.keys()

@@ -159,7 +159,9 @@ def selection_metrics(
 
 def plot_selection(path: str | Path, table: dict[str, dict[str, tuple[float, float, float]]], title: str) -> Path:
     """Grouped bars: per source, L1 of each selection with its 95% interval; the policy as a line with its band."""
-    from vla_energy.evaluation.report import plt
+    from vla_energy.evaluation.report import pyplot
+
+    plt = pyplot()
 
     sources = [s for s in table if s != "policy"]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(sources) + 2), 3.8))

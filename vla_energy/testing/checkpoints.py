@@ -349,8 +349,14 @@ def build_tiny_checkpoint(family: str, path: Union[str, Path], *, seed: int = 0,
     with torch.random.fork_rng(devices=[]):  # seed the weights without resetting the caller's RNG
         torch.manual_seed(seed)
         model = _MODELS[family](processor, hidden_size, num_hidden_layers, image_size).eval()
+    # Under a process group save_pretrained writes weights on global rank 0 only; a cache is built by whichever
+    # process misses it (every node has its own), so this process writes the whole checkpoint.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    missing = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
+    if missing:
+        raise RuntimeError(f"building the tiny {family} checkpoint in {path} left out {missing}")
     return path
 
 

@@ -165,7 +165,7 @@ class EnergyLossMixin:
             mean = self.accelerator.reduce(local, reduction="mean")
             metrics.update({f"{metric_key_prefix}_{'head_loss' if k == 'loss' else k}": float(v)
                             for k, v in zip(keys, mean)})
-        if self._tally.energies:
+        if self._tally.parts["energies"]:
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._tally.metrics().items()})
         return EvalLoopOutput(predictions=out.predictions, label_ids=out.label_ids, metrics=metrics,
                               num_samples=out.num_samples)
