@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               loaded.action_token_id, action_head=action_head)
         return EnergyVLAModel(backbone, plugin), loaded
 
-    model, loaded = build_model()
+    # The main process loads first: a tiny-* checkpoint is built into the cache on first use, and under a process
+    # group transformers' save_pretrained writes the weights only on rank 0.
+    with accelerator.main_process_first():
+        model, loaded = build_model()
     plugin = model.plugin
     plan = plugin.setup(accelerator, train.per_device_train_batch_size)
     if train.gradient_checkpointing:
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return metrics, tally
 
     batches_per_epoch = len(train_dl)
+    accum = train.gradient_accumulation_steps
     stop_at = min(train.max_steps, state.step + train.stop_after_steps) if train.stop_after_steps else train.max_steps
     progress = tqdm(total=train.max_steps, initial=state.step, disable=not (main_proc and not train.disable_tqdm),
                     desc=f"train [{plan.name}]")
@@ -188,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dl.set_epoch(epoch)
         epoch_dl = accelerator.skip_first_batches(train_dl, done_in_epoch) if done_in_epoch else train_dl
         for batch in epoch_dl:
+            # An epoch's last window can hold fewer micro-batches than gradient_accumulation_steps; accelerate divides
+            # each loss by gradient_accumulation_steps regardless, so rescale to a mean over the window's real size
+            # (what transformers.Trainer does), so that the step's gradient does not shrink.
+            position = state.micro_step % batches_per_epoch
+            window = min(accum, batches_per_epoch - (position - position % accum))
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss, metrics = outputs.loss, outputs.metrics
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         raise FloatingPointError(f"non-finite loss at step {state.step}: {metrics}")
                     skip_window = True
                 else:
-                    accelerator.backward(loss)
+                    accelerator.backward(loss if window == accum else loss * (accum / window))
                 grad_norm = None
                 if accelerator.sync_gradients and not skip_window:
                     if not checked_unused and accelerator.distributed_type in DDP_TYPES:
@@ -228,8 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             progress.update(1)
 
             if state.step % train.logging_steps == 0 or state.step == train.max_steps:
-                n = train.gradient_accumulation_steps
-                local = torch.tensor([v / n for v in running.values()], device=accelerator.device)
+                local = torch.tensor([v / window for v in running.values()], device=accelerator.device)
                 logged = dict(zip(running, accelerator.reduce(local, reduction="mean").tolist()))
                 logged.update({"lr": optimizer.param_groups[0]["lr"], "lr_energy": optimizer.param_groups[-1]["lr"],
                                "max_grad_norm_energy": schedule.max_grad_norm(state.step - 1),
