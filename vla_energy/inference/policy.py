@@ -190,7 +190,7 @@ class EnergyPolicy:
 
     def _parse_observation(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[str], bool]:
         """(one image per sample, tasks, single) from dataset-keyed observations; several cameras are tiled."""
-        from vla_energy.data.loading import tile_images
+        from vla_energy.data import tile_images
 
         present = [k for k in observation if k.startswith("observation.image")]
         if self.cameras is not None and all(c in observation for c in self.cameras):
