@@ -184,3 +184,21 @@ def test_recipe_with_state_end_to_end(tmp_path):
     obs = {"observation.image": np.zeros((32, 32, 3), np.uint8), "observation.state": [0.5, 0.5, 0.1, -0.1],
            "task": "go to the red square"}
     assert tuple(policy.predict_action_chunk(obs).shape) == (4, 3)
+    # `vla-energy evaluate`'s collection writes the state token and feeds the projected state, as training did.
+    from vla_energy.data import build_datasets
+    from vla_energy.evaluation.metrics import collect_eval_outputs
+    from vla_energy.training.arguments import load_run_config
+
+    data_cfg = load_run_config(run)[1]
+    _, val_ds, _ = build_datasets(data_cfg, progress=False)
+    collator = VLACollator(policy.loaded.processor, horizon=4, action_token=policy.loaded.info["action_token"],
+                           state_token=policy.loaded.info.get("state_token"))
+    result = collect_eval_outputs(policy.loaded.backbone, policy.plugin, [collator([val_ds[i] for i in range(4)])],
+                                  progress=False)
+    # The same chunk as EnergyPolicy gives for that sample's raw state, and one more context token (the state).
+    row = val_ds[0]
+    obs = {"observation.image": row["image"], "task": row["instruction"],
+           "observation.state": stats.state.unnormalize(np.asarray(row["state"], np.float32))}
+    torch.testing.assert_close(policy.predict_action_chunk(obs, normalized=True), result.policy[0], atol=1e-4, rtol=0)
+    real = collator([row])["attention_mask"].sum()
+    assert result.contexts[0].shape[0] == real + 1
