@@ -1,4 +1,4 @@
-"""The action placeholder token: added to a real HF tokenizer as a special token, embeddings grown to fit."""
+"""The action placeholder and state tokens: added to a real HF tokenizer as special tokens, embeddings grown to fit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["add_action_token", "check_action_token"]
+__all__ = ["add_action_token", "add_state_token", "check_action_token"]
 
 
 def check_action_token(tokenizer: Any, token: str, token_id: int) -> None:
@@ -42,3 +42,8 @@ def add_action_token(processor: Any, model: nn.Module, token: str = "<|action|>"
     token_id = int(tokenizer.convert_tokens_to_ids(token))
     check_action_token(tokenizer, token, token_id)
     return token_id
+
+
+def add_state_token(processor: Any, model: nn.Module, token: str = "<|state|>") -> int:
+    """Add the proprioceptive state token (its embedding is the state projector's output) like the action token."""
+    return add_action_token(processor, model, token)

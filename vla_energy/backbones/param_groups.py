@@ -22,7 +22,7 @@ def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 def param_groups(
     backbone: nn.Module,
-    action_head: nn.Module,
+    action_head: nn.Module | Iterable[nn.Module],
     energy_modules: Iterable[nn.Module],
     lr: float,
     energy_lr_scale: float = 0.1,
@@ -34,7 +34,9 @@ def param_groups(
     """
     if energy_lr_scale <= 0:
         raise ValueError(f"energy_lr_scale={energy_lr_scale}, expected > 0")
-    policy = _trainable([backbone, action_head])
+    # The policy's heads: the action head, and with use_state the state projector.
+    heads = [action_head] if isinstance(action_head, nn.Module) else list(action_head)
+    policy = _trainable([backbone, *heads])
     energy = _trainable(energy_modules)
     if not energy:
         raise ValueError("the energy head has no trainable parameters")

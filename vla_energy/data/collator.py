@@ -48,6 +48,9 @@ class VLACollator:
     Without a chat template the prompt starts with the family's image token(s), one per camera. The placeholders
     are always the last text. `processor_kwargs` go to every processor call (e.g. do_image_splitting,
     min_pixels / max_pixels).
+
+    `state_token` (use_state, e.g. "<|state|>"): when every example has a state, each prompt gets the token once,
+    right before the placeholders; the model replaces its input embedding with the projected state.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class VLACollator:
         use_chat_template: Optional[bool] = None,
         state_key: str = "state",
         processor_kwargs: Optional[Mapping[str, Any]] = None,
+        state_token: Optional[str] = None,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon={horizon}, expected >= 1")
@@ -88,20 +92,24 @@ class VLACollator:
         self.processor_kwargs = dict(processor_kwargs or {})
         tokenizer = getattr(processor, "tokenizer", None)
         self.action_token_id = None if tokenizer is None else tokenizer.convert_tokens_to_ids(token)
+        self.state_token = state_token or None
+        self.state_token_id = None if tokenizer is None or self.state_token is None else \
+            tokenizer.convert_tokens_to_ids(self.state_token)
 
     @property
     def placeholders(self) -> str:
         """The H action placeholders appended to every prompt."""
         return self.action_token * self.horizon
 
-    def prompt(self, instruction: str, num_images: int = 1) -> str:
-        """Text given to the processor for one example with `num_images` camera images."""
+    def prompt(self, instruction: str, num_images: int = 1, with_state: bool = False) -> str:
+        """Text given to the processor for one example with `num_images` camera images (and the state token)."""
+        tail = (self.state_token if with_state and self.state_token else "") + self.placeholders
         if self.use_chat_template:
             images = [{"type": "image"} for _ in range(num_images)]
             messages = [{"role": "user", "content": [*images, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return text + self.placeholders
-        return self.image_prompt() * num_images + instruction + self.placeholders
+            return text + tail
+        return self.image_prompt() * num_images + instruction + tail
 
     def image_prompt(self) -> str:
         """The image part of a prompt without chat template for one image, as the family's processor expects it."""
@@ -122,6 +130,17 @@ class VLACollator:
                 f"{self.action_token!r} into {counts.tolist()} ids {self.action_token_id} per row: the tokenizer must "
                 "keep it as one special token (add_action_token) and the processor must not truncate the prompt "
                 "(check processor_kwargs / max_length)"
+            )
+
+    def _check_state_token(self, input_ids: torch.Tensor) -> None:
+        """Every row must hold the state token exactly once."""
+        if self.state_token_id is None:
+            return
+        counts = (input_ids == self.state_token_id).sum(dim=1)
+        if bool((counts != 1).any()):
+            raise ValueError(
+                f"{type(self.processor).__name__} turned state_token={self.state_token!r} into {counts.tolist()} ids "
+                f"{self.state_token_id} per row, expected one: add it as a special token (add_state_token)"
             )
 
     def _stack(self, examples: Sequence[Mapping[str, Any]], key: str, dtype: type, trailing: tuple) -> np.ndarray:
@@ -147,8 +166,10 @@ class VLACollator:
         for key in (*self.image_keys, self.instruction_key):
             if key not in examples[0]:
                 raise ValueError(f"example has no {key!r}; its keys are {sorted(examples[0])}")
+        has_state = all(ex.get(self.state_key) is not None for ex in examples)
         batch = self.model_inputs([self.images_of(ex) for ex in examples],
-                                  [str(ex[self.instruction_key]) for ex in examples])
+                                  [str(ex[self.instruction_key]) for ex in examples],
+                                  with_state=has_state and self.state_token is not None)
         actions = self._stack(examples, "actions", np.float32, (self.horizon, "Da"))
         batch["actions"] = torch.from_numpy(actions)
         if "action_mask" in examples[0]:
@@ -157,21 +178,23 @@ class VLACollator:
             batch["action_mask"] = torch.ones(actions.shape[:2], dtype=torch.bool)
         batch["sample_id"] = torch.from_numpy(self._stack(examples, "sample_id", np.int64, ()))
         batch["episode_index"] = torch.from_numpy(self._stack(examples, "episode_index", np.int64, ()))
-        if all(ex.get(self.state_key) is not None for ex in examples):
+        if has_state:
             batch["state"] = torch.from_numpy(self._stack(examples, self.state_key, np.float32, ("Ds",)))
         return batch
 
-    def model_inputs(self, images: Sequence[Sequence[PILImage.Image]], instructions: Sequence[str]
-                     ) -> dict[str, torch.Tensor]:
-        """The backbone's inputs for each sample's camera images (in camera order) and instruction: what training
-        and EnergyPolicy both feed the model."""
+    def model_inputs(self, images: Sequence[Sequence[PILImage.Image]], instructions: Sequence[str],
+                     with_state: bool = False) -> dict[str, torch.Tensor]:
+        """The backbone's inputs for each sample's camera images (in camera order) and instruction, with the state
+        token when `with_state`: what training and EnergyPolicy both feed the model."""
         counts = {len(ims) for ims in images}
         if len(counts) != 1:
             raise ValueError(f"samples have {sorted(counts)} images each, expected one camera count per batch")
-        texts = [self.prompt(text, len(ims)) for text, ims in zip(instructions, images)]
+        texts = [self.prompt(text, len(ims), with_state) for text, ims in zip(instructions, images)]
         flat = [ims[0] for ims in images] if counts == {1} else [list(ims) for ims in images]
         inputs = self.processor(text=texts, images=flat, return_tensors="pt", padding=True, **self.processor_kwargs)
         self._check_placeholders(inputs["input_ids"])
+        if with_state:
+            self._check_state_token(inputs["input_ids"])
         # PaliGemma's processor returns LM labels; with them the backbone would compute a vocabulary-wide loss.
         return {k: v for k, v in inputs.items() if k != "labels"}
 

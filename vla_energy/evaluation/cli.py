@@ -35,7 +35,8 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
     train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
     ds = val_ds if split == "val" else train_ds
     ds = ds.select(spread_indices(len(ds), max_samples))
-    collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"])
+    collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"],
+                           state_token=policy.info.get("state_token"))
     loader = DataLoader(ds, batch_size=32, collate_fn=collator)
     batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
     result = collect_eval_outputs(policy.backbone, policy.plugin, batches, progress=progress)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from vla_energy.backbones.readout import backbone_forward
 from vla_energy.losses.negatives import false_negative_mask
 from vla_energy.losses.policy_l1 import masked_l1
+from vla_energy.modeling.state_projector import inject_state_embedding
 from vla_energy.training.plugin import EnergyPlugin
 
 __all__ = [
@@ -64,8 +65,10 @@ def collect_eval_outputs(
     """Run the backbone once per eval batch and keep contexts (unpadded), policy and layer predictions."""
     out = EvalResult()
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        outputs = backbone_forward(backbone, batch)
-        readout = plugin.read(outputs, batch)
+        state_embedding = plugin.project_state(batch)  # None unless the policy reads the state
+        with inject_state_embedding(backbone, plugin.state_token_id, state_embedding):
+            outputs = backbone_forward(backbone, batch)
+        readout = plugin.read(outputs, batch, state_embedding)
         policy, layers = plugin.predict_actions(readout)
         for i in range(readout.context.shape[0]):
             keep = readout.context_mask[i]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vla_energy.backbones.readout import backbone_forward
 from vla_energy.inference.rerank import PREDICT_MODES, Bound, propose_candidates, refine, rerank
+from vla_energy.modeling.state_projector import inject_state_embedding
 
 __all__ = ["EnergyPolicy", "candidate_bounds"]
 
@@ -71,6 +72,7 @@ class EnergyPolicy:
         model_cfg, data_cfg = (run or {}).get("ModelArguments", {}), (run or {}).get("DataConfig", {})
         # The prompt, processor options and camera layout of training.
         self.collator = VLACollator(loaded.processor, horizon=plugin.horizon, action_token=loaded.info["action_token"],
+                                    state_token=loaded.info.get("state_token"),
                                     processor_kwargs=model_cfg.get("processor_kwargs") or None)
         self.camera_layout = data_cfg.get("camera_layout", "tile")
         self.n_action_steps = plugin.horizon if n_action_steps is None else int(n_action_steps)
@@ -102,27 +104,53 @@ class EnergyPolicy:
         """dtype of the heads (and backbone) as loaded."""
         return next(self.plugin.action_head.parameters()).dtype
 
+    @property
+    def uses_state(self) -> bool:
+        """Whether the policy was trained with the proprioceptive state (it has a state projector)."""
+        return self.plugin.state_projector is not None
+
+    def normalize_state(self, state: Any) -> Tensor:
+        """Raw states [B, Ds] -> float32 [B, Ds] normalized with the saved statistics (NormStats.state)."""
+        state = torch.as_tensor(np.asarray(state.detach().cpu() if isinstance(state, Tensor) else state, np.float32))
+        if state.dim() != 2:
+            raise ValueError(f"observation.state has shape {tuple(state.shape)}, expected (Ds,) or (B, Ds)")
+        stats = None if self.loaded.norm_stats is None else self.loaded.norm_stats.state
+        if stats is None:
+            raise ValueError(f"the policy {self.loaded.path} was trained with the state but saved no state statistics "
+                             "(norm_stats.json has no 'state'): cannot normalize observation.state")
+        if state.shape[1] != stats.action_dim:
+            raise ValueError(f"observation.state has shape {tuple(state.shape)}, expected (B, Ds={stats.action_dim}) "
+                             "as in training")
+        return stats.normalize(state)
+
     @torch.no_grad()
-    def encode(self, images: Sequence[Any], instructions: Sequence[str]):
-        """Backbone readout for raw images + instructions."""
+    def encode(self, images: Sequence[Any], instructions: Sequence[str], states: Optional[Tensor] = None):
+        """Backbone readout for raw images + instructions (+ normalized states [B, Ds] when the policy uses them)."""
         from vla_energy.data import to_pil_image
 
         if len(images) != len(instructions):
             raise ValueError(f"got {len(images)} images and {len(instructions)} instructions, expected as many")
+        if self.uses_state and (states is None or len(states) != len(images)):
+            raise ValueError(f"the policy was trained with the state: pass one (observation.)state per image, got "
+                             f"{None if states is None else tuple(states.shape)} for {len(images)} images")
         # One image per sample, or a list of camera images per sample (camera_layout separate).
         per_sample = [[to_pil_image(v) for v in im] if isinstance(im, (list, tuple)) else [to_pil_image(im)]
                       for im in images]
-        inputs = self.collator.model_inputs(per_sample, list(instructions))
+        inputs = self.collator.model_inputs(per_sample, list(instructions), with_state=self.uses_state)
         batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in inputs.items()}
-        outputs = backbone_forward(self.loaded.backbone, batch)
-        return self.plugin.read(outputs, batch)
+        if self.uses_state:
+            batch["state"] = states.to(self.device)
+        state_embedding = self.plugin.project_state(batch)
+        with inject_state_embedding(self.loaded.backbone, self.plugin.state_token_id, state_embedding):
+            outputs = backbone_forward(self.loaded.backbone, batch)
+        return self.plugin.read(outputs, batch, state_embedding)
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
-                refine_steps: int, step_size: float, seed: int) -> Tensor:
+                refine_steps: int, step_size: float, seed: int, states: Optional[Tensor] = None) -> Tensor:
         """Normalized chunks [B,H,Da] (float32) from the policy, rerank or refine, candidates within bounds."""
         if mode not in PREDICT_MODES:
             raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
-        readout = self.encode(images, instructions)
+        readout = self.encode(images, instructions, states)
         with torch.no_grad():
             policy, layers = self.plugin.predict_actions(readout)
         head, ctx, cmask = self.plugin.energy_head, readout.context, readout.context_mask
@@ -147,9 +175,13 @@ class EnergyPolicy:
         step_size: float = 0.05,
         seed: int = 0,
         normalized: bool = False,
+        states: Optional[Any] = None,
     ) -> np.ndarray:
-        """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank or refine."""
-        out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_size, seed).cpu().numpy()
+        """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank or refine; `states`
+        [B, Ds] in raw units (a policy trained with the state needs them)."""
+        states = self.normalize_state(states) if self.uses_state and states is not None else None
+        out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_size, seed,
+                           states).cpu().numpy()
         if normalized or self.loaded.norm_stats is None:
             return out
         return self.loaded.norm_stats.unnormalize(out)
@@ -202,7 +234,15 @@ class EnergyPolicy:
         unknown = sorted(set(kwargs) - set(opts))
         if unknown:
             raise TypeError(f"predict_action_chunk got unknown options {unknown}, expected some of {sorted(opts)}")
-        chunk = self._chunks(images, tasks, mode, **{**opts, **kwargs})
+        states = None
+        if self.uses_state:
+            if "observation.state" not in observation:
+                raise ValueError(f"the policy was trained with the state: the observation needs 'observation.state'; "
+                                 f"keys: {sorted(observation)}")
+            raw = observation["observation.state"]
+            raw = raw.detach().cpu() if isinstance(raw, Tensor) else np.asarray(raw, np.float32)
+            states = self.normalize_state(raw[None] if raw.ndim == 1 else raw)
+        chunk = self._chunks(images, tasks, mode, **{**opts, **kwargs}, states=states)
         if not normalized and self.loaded.norm_stats is not None:
             chunk = self.loaded.norm_stats.unnormalize(chunk)
         return chunk[0] if single else chunk

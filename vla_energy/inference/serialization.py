@@ -9,6 +9,7 @@ Layout (policy_config.json says which parts are present):
     adapter/                 peft LoRA adapter
     action_token_embedding.safetensors   the action token's embedding row
     action_head/ energy_head/            heads (save_pretrained)
+    state_projector/                     use_state: the state token's projector (save_pretrained)
     norm_stats.json  run_config.json  README.md
 """
 
@@ -31,6 +32,7 @@ from vla_energy.backbones.loading import LoadedBackbone
 from vla_energy.backbones.lora import is_peft
 from vla_energy.modeling.action_head import ActionHead
 from vla_energy.modeling.modeling_energy_head import EnergyHead
+from vla_energy.modeling.state_projector import StateProjector
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 __all__ = ["save_policy", "write_policy", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
@@ -41,7 +43,7 @@ FORMAT_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What belongs to a policy (a checkpoint directory also holds optimizer, RNG and trainable-state files).
 POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "backbone/*", "merged/*", "adapter/*", "action_head/*",
-                   "energy_head/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
+                   "energy_head/*", "state_projector/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
                    "README.md", "metrics.json", "*.png"]
 
 
@@ -100,6 +102,10 @@ def write_policy(
         "plugin": plugin.config_dict(),
     }
     info["revision"] = base_revision(loaded.name, base.config)
+    if plugin.state_projector is not None:
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        info["state_token"] = tokenizer.convert_ids_to_tokens(plugin.state_token_id)
+        info["state_token_id"] = plugin.state_token_id
     loaded.processor.save_pretrained(out / "processor")
     info["processor"] = "processor"
     # The tokenizer got a new action token: its (randomly initialised) embedding row is part of the policy.
@@ -111,6 +117,8 @@ def write_policy(
         copy.deepcopy(backbone).merge_and_unload().save_pretrained(out / "merged")
     unwrap(plugin.action_head).save_pretrained(out / "action_head")
     unwrap(plugin.energy_head).save_pretrained(out / "energy_head")
+    if plugin.state_projector is not None:
+        unwrap(plugin.state_projector).save_pretrained(out / "state_projector")
     if norm_stats is not None:
         norm_stats.save(out / "norm_stats.json")
     if run_config is not None and Path(run_config).exists():
@@ -216,8 +224,14 @@ def _load_real_base(path: Path, info: dict[str, Any], dtype: torch.dtype, trust_
     tokenizer = getattr(processor, "tokenizer", processor)
     if info["action_token"] not in tokenizer.get_vocab():  # an old policy without processor/
         tokenizer.add_tokens([info["action_token"]], special_tokens=True)
+    if info.get("state_token") and info["state_token"] not in tokenizer.get_vocab():
+        tokenizer.add_tokens([info["state_token"]], special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if info.get("state_token") and int(tokenizer.convert_tokens_to_ids(info["state_token"])) != info["state_token_id"]:
+        raise ValueError(f"{path}: the tokenizer maps {info['state_token']!r} to id "
+                         f"{tokenizer.convert_tokens_to_ids(info['state_token'])}, the policy was trained with id "
+                         f"{info['state_token_id']}")
     token_id = int(tokenizer.convert_tokens_to_ids(info["action_token"]))
     if token_id != info["action_token_id"]:
         raise ValueError(f"{path}: the tokenizer maps {info['action_token']!r} to id {token_id}, the policy was "
@@ -252,17 +266,25 @@ def load_policy(
     if info["has_adapter"] and not merged:
         backbone = PeftModel.from_pretrained(backbone, path / "adapter", is_trainable=trainable)
     plugin_cfg = info["plugin"]
+    has_state = (path / "state_projector").is_dir()
+    if has_state != (plugin_cfg.get("state_token_id") is not None):
+        raise ValueError(f"{path}: state_projector/ is {'present' if has_state else 'missing'} but the plugin "
+                         f"configuration has state_token_id={plugin_cfg.get('state_token_id')}: incomplete policy")
     plugin = EnergyPlugin.from_pretrained_heads(
         EnergyArguments(**plugin_cfg["args"]),
         ActionHead.from_pretrained(path / "action_head"),
         EnergyHead.from_pretrained(path / "energy_head"),
         plugin_cfg["action_token_id"],
+        state_projector=StateProjector.from_pretrained(path / "state_projector") if has_state else None,
+        state_token_id=plugin_cfg.get("state_token_id"),
     )
     norm_stats = None
     if (path / "norm_stats.json").exists():
         from vla_energy.data import NormStats
 
         norm_stats = NormStats.load(path / "norm_stats.json")
-    for module in (backbone, plugin.action_head, plugin.energy_head):
+    for module in (backbone, plugin.action_head, plugin.energy_head, plugin.state_projector):
+        if module is None:
+            continue
         module.to(device=device, dtype=torch_dtype).train(trainable)
     return LoadedPolicy(backbone, processor, plugin, norm_stats, info, path)

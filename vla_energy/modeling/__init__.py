@@ -3,5 +3,6 @@
 from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
 from vla_energy.modeling.configuration_energy_head import EnergyHeadConfig
 from vla_energy.modeling.modeling_energy_head import EnergyHead
+from vla_energy.modeling.state_projector import StateProjector, StateProjectorConfig
 
-__all__ = ["EnergyHead", "EnergyHeadConfig", "ActionHead", "ActionHeadConfig"]
+__all__ = ["EnergyHead", "EnergyHeadConfig", "ActionHead", "ActionHeadConfig", "StateProjector", "StateProjectorConfig"]

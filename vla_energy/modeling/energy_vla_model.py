@@ -11,6 +11,7 @@ from transformers.utils import ModelOutput
 
 from vla_energy.backbones.readout import backbone_forward
 from vla_energy.modeling.process_group import ProcessGroup
+from vla_energy.modeling.state_projector import inject_state_embedding
 from vla_energy.training.plugin import EnergyPlugin
 
 __all__ = ["EnergyVLAModel", "EnergyVLAOutput", "CANDIDATE_KEYS"]
@@ -40,6 +41,9 @@ class EnergyVLAModel(nn.Module):
     mode (`model.eval()`) it computes the same losses and metrics but stages nothing into the action bank and
     leaves an adaptive temperature's running gap alone; a batch with `candidate_actions` [B,K,H,Da] (true chunk
     first) also returns their energies [B,K].
+
+    With a state projector (use_state) the batch must carry `state` [B,Ds]: its projection replaces the input
+    embedding of the state token for the duration of the backbone's forward.
     """
 
     supports_gradient_checkpointing = True
@@ -50,6 +54,7 @@ class EnergyVLAModel(nn.Module):
         self.action_head = plugin.action_head
         self.energy_head = plugin.energy_head
         self.temperature = plugin.temperature
+        self.state_projector = plugin.state_projector
         self.plugin = plugin
         # FSDP's TRANSFORMER_BASED_WRAP shards the blocks the backbone names (its decoder / vision layers).
         self._no_split_modules = list(getattr(self._base_backbone(), "_no_split_modules", None) or [])
@@ -59,10 +64,15 @@ class EnergyVLAModel(nn.Module):
         wrappers whose trained copy must be the one scored and optimized)."""
         self.plugin.action_head, self.plugin.energy_head = self.action_head, self.energy_head
         self.plugin.temperature = self.temperature
+        self.plugin.state_projector = self.state_projector
+
+    def policy_heads(self) -> list[nn.Module]:
+        """The policy's modules besides the backbone: the action head and, with use_state, the state projector."""
+        return [m for m in (self.action_head, self.state_projector) if m is not None]
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the policy (backbone LoRA + action head)."""
-        return _trainable([self.backbone, self.action_head])
+        """Trainable parameters of the policy (backbone LoRA + action head + state projector)."""
+        return _trainable([self.backbone, *self.policy_heads()])
 
     def energy_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the energy side (head, learnable temperature)."""
@@ -117,9 +127,11 @@ class EnergyVLAModel(nn.Module):
         group = ProcessGroup(inputs["actions"].device)
         if self.plugin.plan is None:
             self.plugin.setup(group, inputs["actions"].shape[0])
-        outputs = backbone_forward(self.backbone, inputs)
+        state_embedding = self.plugin.project_state(inputs)
+        with inject_state_embedding(self.backbone, self.plugin.state_token_id, state_embedding):
+            outputs = backbone_forward(self.backbone, inputs)
         with self.plugin.evaluating(not self.training):
-            head_loss, metrics = self.plugin.compute_loss(outputs, inputs, group)
+            head_loss, metrics = self.plugin.compute_loss(outputs, inputs, group, state_embedding)
         parts, self.plugin.last_parts = self.plugin.last_parts, None  # hold no graph past this call
         lm_loss = getattr(outputs, "loss", None) if "labels" in inputs else None
         ranking = self._rank(parts.readout, candidates) if candidates and not self.training else None

@@ -48,6 +48,11 @@ class ModelArguments:
         metadata={"help": "Options for every processor call, a YAML mapping or a JSON object on the command line, e.g. "
                           "{do_image_splitting: false} (Idefics3) or {min_pixels: 50176, max_pixels: 200704} (Qwen)."},
     )
+    state_token: str = field(
+        default="<|state|>",
+        metadata={"help": "State token (with use_state), added to the tokenizer as a special token; its input "
+                          "embedding is the state projector's output."},
+    )
     init_from: Optional[str] = field(
         default=None,
         metadata={"help": "A saved policy (run directory or its model/) to start from: its backbone, LoRA adapter and "
@@ -105,6 +110,10 @@ class EnergyArguments:
     bank_size: int = field(default=0, metadata={"help": "ActionBank size: recent gathered chunks as negatives (0: none)."})
     symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
     context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})
+    state_in_energy_context: bool = field(
+        default=True, metadata={"help": "With use_state: the projected state is one more token of the energy head's "
+                                        "context (besides its state token in the backbone's input)."}
+    )
     context_includes_placeholders: bool = field(
         default=True, metadata={"help": "The energy context includes the action placeholders' hidden states."}
     )

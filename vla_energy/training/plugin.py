@@ -21,6 +21,7 @@ from vla_energy.losses.strategy import StrategyPlan, plan_strategy, strategy_los
 from vla_energy.losses.temperature import make_temperature
 from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
 from vla_energy.modeling.modeling_energy_head import EnergyHead, EnergyHeadConfig
+from vla_energy.modeling.state_projector import StateProjector, StateProjectorConfig
 from vla_energy.training.arguments import EnergyArguments
 
 __all__ = ["EnergyPlugin", "LossParts"]
@@ -40,7 +41,11 @@ class LossParts:
 
 
 class EnergyPlugin:
-    """Holds the action head and energy head (modules for accelerator.prepare) and computes the total loss."""
+    """Holds the action head and energy head (modules for accelerator.prepare) and computes the total loss.
+
+    With `state_dim` (use_state) it also holds a StateProjector whose output is the embedding of the state token
+    (`state_token_id`) and, with args.state_in_energy_context, one more token of the energy head's context.
+    """
 
     def __init__(
         self,
@@ -51,6 +56,9 @@ class EnergyPlugin:
         action_token_id: int,
         action_head: Optional[ActionHead] = None,
         energy_head: Optional[EnergyHead] = None,
+        state_dim: Optional[int] = None,
+        state_token_id: Optional[int] = None,
+        state_projector: Optional[StateProjector] = None,
     ) -> None:
         self.args = args
         self.horizon = int(horizon)
@@ -68,6 +76,13 @@ class EnergyPlugin:
                 energy_scale=args.energy_scale, energy_offset=args.energy_offset,
             )
         )
+        if state_projector is None and state_dim is not None:
+            state_projector = StateProjector(StateProjectorConfig(state_dim=state_dim, hidden_size=hidden_size))
+        if (state_projector is None) != (state_token_id is None):
+            raise ValueError(f"state_token_id={state_token_id} needs a state projector (state_dim) and a state "
+                             "projector needs the state token's id: pass both or neither")
+        self.state_projector: Optional[nn.Module] = state_projector
+        self.state_token_id = None if state_token_id is None else int(state_token_id)
         self.temperature: nn.Module = make_temperature(args.temperature, args.tau)
         self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
         self.policy_error = RunningPolicyError(horizon, action_dim) if args.policy_error_negatives else None
@@ -89,10 +104,12 @@ class EnergyPlugin:
 
     @classmethod
     def from_pretrained_heads(cls, args: EnergyArguments, action_head: ActionHead, energy_head: EnergyHead,
-                              action_token_id: int) -> EnergyPlugin:
+                              action_token_id: int, state_projector: Optional[StateProjector] = None,
+                              state_token_id: Optional[int] = None) -> EnergyPlugin:
         """A plugin around already trained heads (loading a run directory)."""
         cfg = energy_head.config
-        return cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id, action_head, energy_head)
+        return cls(args, cfg.context_dim, cfg.action_dim, cfg.horizon, action_token_id, action_head, energy_head,
+                   state_token_id=state_token_id, state_projector=state_projector)
 
     def setup(self, accelerator: Accelerator, local_batch: int) -> StrategyPlan:
         """Fix the strategy from the configured layout (never from a smaller last batch) and the RNG per process."""
@@ -109,14 +126,38 @@ class EnergyPlugin:
         learnable = any(p.requires_grad for p in self.temperature.parameters())
         return [self.energy_head, self.temperature] if learnable else [self.energy_head]
 
-    def read(self, outputs: Any, batch: Mapping[str, Tensor]) -> BackboneReadout:
-        """Context and placeholder hidden states from a backbone output (with hidden_states)."""
+    def project_state(self, batch: Mapping[str, Tensor]) -> Optional[Tensor]:
+        """The state token's embedding [B, D] from batch["state"] [B, Ds]; None without a state projector."""
+        if self.state_projector is None:
+            return None
+        state = batch.get("state")
+        if state is None:
+            raise ValueError(f"use_state is on (the model has a state projector) but the batch has no 'state' (keys: "
+                             f"{sorted(batch)}): build the dataset with use_state and a state_key column")
+        ds = self.state_projector.config.state_dim
+        if state.dim() != 2 or state.shape[1] != ds:
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected (B, Ds={ds}): the state projector was "
+                             f"built for {ds}-dimensional states")
+        return self.state_projector(state)
+
+    def read(self, outputs: Any, batch: Mapping[str, Tensor], state_embedding: Optional[Tensor] = None
+             ) -> BackboneReadout:
+        """Context and placeholder hidden states from a backbone output (with hidden_states); with
+        `state_embedding` [B, D] and args.state_in_energy_context, the context ends with it as one more token."""
         hidden = getattr(outputs, "hidden_states", None) if not isinstance(outputs, (tuple, list)) else outputs
-        return read_backbone(
+        readout = read_backbone(
             hidden, batch["input_ids"], batch.get("attention_mask"), self.action_token_id, self.horizon,
             context_layer=self.args.context_layer, detach_context=self.args.detach_context,
             include_placeholders=self.args.context_includes_placeholders,
         )
+        if state_embedding is None or not self.args.state_in_energy_context:
+            return readout
+        ctx = readout.context
+        token = state_embedding.to(ctx.dtype)[:, None, :]
+        token = token.detach() if self.args.detach_context else token
+        readout.context = torch.cat([ctx, token], dim=1)
+        readout.context_mask = torch.cat([readout.context_mask, readout.context_mask.new_ones(ctx.shape[0], 1)], dim=1)
+        return readout
 
     def predict_actions(self, readout: BackboneReadout) -> tuple[Tensor, list[Tensor]]:
         """Policy chunk (last layer, with grad) and the detached layer-wise predictions of layers 1..L."""
@@ -124,12 +165,14 @@ class EnergyPlugin:
         return preds[-1], [p.detach() for p in preds]
 
     def compute_loss(
-        self, outputs: Any, batch: Mapping[str, Tensor], accelerator: Accelerator
+        self, outputs: Any, batch: Mapping[str, Tensor], accelerator: Accelerator,
+        state_embedding: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Total loss = l1_weight * L1(policy, actions) + energy_weight * energy InfoNCE; plus flat metrics."""
+        """Total loss = l1_weight * L1(policy, actions) + energy_weight * energy InfoNCE; plus flat metrics.
+        `state_embedding`: the projected state of this batch (project_state), for the energy context."""
         if self.plan is None:
             raise RuntimeError("call plugin.setup(accelerator, local_batch) before compute_loss")
-        readout = self.read(outputs, batch)
+        readout = self.read(outputs, batch, state_embedding)
         actions = batch["actions"]
         action_mask = batch.get("action_mask")
         if actions.dim() != 3 or tuple(actions.shape[1:]) != (self.horizon, self.action_dim):
@@ -237,4 +280,4 @@ class EnergyPlugin:
     def config_dict(self) -> dict[str, Any]:
         """The plugin's settings as JSON-able values (saved beside the heads)."""
         return {"args": asdict(self.args), "horizon": self.horizon, "action_dim": self.action_dim,
-                "action_token_id": self.action_token_id}
+                "action_token_id": self.action_token_id, "state_token_id": self.state_token_id}

@@ -22,6 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Pro
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vla_energy.backbones.action_token import add_state_token
 from vla_energy.backbones.loading import LoadedBackbone, load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with accelerator.main_process_first():
         train_ds, val_ds, norm_stats = build_datasets(data_args, progress=main_proc and not train.disable_tqdm)
     action_dim = len(train_ds[0]["actions"][0])
+    state_dim = state_dim_of(train_ds) if data_args.use_state else None
 
     def build_model() -> tuple[EnergyVLAModel, LoadedBackbone]:
         """Backbone + LoRA, action head and energy head; or a saved policy's backbone, adapter and action head."""
@@ -95,9 +97,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
                                    model_args.dtype)
-            backbone, action_head = apply_lora(loaded.model, lora_args), None
+            backbone, action_head = None, None
+        # The state token joins the vocabulary before LoRA wraps the model (it may grow the embeddings).
+        state_token_id = add_state_token(loaded.processor, loaded.model, model_args.state_token) if state_dim else None
+        if backbone is None:
+            backbone = apply_lora(loaded.model, lora_args)
         plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), action_dim, data_args.horizon,
-                              loaded.action_token_id, action_head=action_head)
+                              loaded.action_token_id, action_head=action_head, state_dim=state_dim,
+                              state_token_id=state_token_id)
         return EnergyVLAModel(backbone, plugin), loaded
 
     # The main process loads first: a tiny-* checkpoint is built into the cache on first use, and under a process
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.gradient_checkpointing_enable()
 
     collator = VLACollator(loaded.processor, horizon=data_args.horizon, action_token=loaded.action_token,
-                           processor_kwargs=model_args.processor_kwargs)
+                           processor_kwargs=model_args.processor_kwargs,
+                           state_token=model_args.state_token if state_dim else None)
     train_dl = DataLoader(train_ds, batch_size=train.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                           num_workers=train.dataloader_num_workers)
     # Evenly spaced over the held-out split, so that every validation episode is represented; each sample carries
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              collate_fn=RankingCollator(collator))
 
     optimizer = torch.optim.AdamW(
-        param_groups(model.backbone, model.action_head, plugin.energy_modules(), train.learning_rate,
+        param_groups(model.backbone, model.policy_heads(), plugin.energy_modules(), train.learning_rate,
                      train.energy_lr_scale, train.weight_decay)
     )
     schedule = ProgressiveSchedule(
@@ -302,6 +310,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def state_dim_of(train_ds) -> int:
+    """Ds of the training split's `state` column (use_state); a clear error when the dataset has none."""
+    row = train_ds[0]
+    if row.get("state") is None:
+        raise ValueError(f"use_state is on but the training examples have no 'state' (columns: {sorted(row)}): "
+                         "set state_key to the dataset's state column")
+    return len(row["state"])
 
 
 def weights_sharded(accelerator: Accelerator) -> bool:

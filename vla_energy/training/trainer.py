@@ -176,7 +176,7 @@ class EnergyLossMixin:
             from vla_energy.backbones.param_groups import param_groups
 
             net = _energy_model(self.model)
-            groups = param_groups(net.backbone, net.action_head, self.energy_plugin.energy_modules(),
+            groups = param_groups(net.backbone, net.policy_heads(), self.energy_plugin.energy_modules(),
                                   self.args.learning_rate, self.energy_lr_scale, self.args.weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, net)
             kwargs.pop("lr", None)
