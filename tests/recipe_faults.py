@@ -50,9 +50,9 @@ def inject_nan(report_dir: Path) -> None:
         changed = {k: any(not torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in ("params", "bank")}
         return {**changed, "lrs": a["lrs"] != b["lrs"]}
 
-    def compute_loss(self, outputs, batch, accelerator):
+    def compute_loss(self, outputs, batch, accelerator, *args, **kwargs):
         snapshots.append(snapshot(self))
-        loss, metrics = original(self, outputs, batch, accelerator)
+        loss, metrics = original(self, outputs, batch, accelerator, *args, **kwargs)
         rank, calls = accelerator.process_index, len(snapshots)
         if calls == NAN_CALL and rank == accelerator.num_processes - 1:
             loss = loss * float("nan")

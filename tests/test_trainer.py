@@ -42,7 +42,13 @@ def test_trainer_trains_logs_checkpoints_and_resumes(tmp_path):
     logged = [h for h in trainer.state.log_history if "energy_loss" in h]
     assert logged and all(k in logged[0] for k in ("energy/acc", "energy/e_pos", "energy/loss_floor", "l1"))
     ckpt = tmp_path / "out" / "checkpoint-2"
-    assert (ckpt / "model.safetensors").exists()
+    # The checkpoint holds the trained heads and buffers, not one weight of the frozen backbone.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model.safetensors"))
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert any(k.startswith("energy_head.") for k in saved) and any(k.startswith("action_head.") for k in saved)
+    assert frozen and not frozen & set(saved)
     assert (ckpt / f"{PLUGIN_STATE}.safetensors").exists()
     assert len(plugin.bank) == 6  # two optimizer steps of 3 gathered chunks
     bank_actions = plugin.bank.entries()[0].clone()
@@ -50,6 +56,11 @@ def test_trainer_trains_logs_checkpoints_and_resumes(tmp_path):
     resumed, plugin2 = _trainer(tmp_path, cache, max_steps=4)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.state.global_step == 4
+    # Resuming at the checkpoint's own step trains nothing: the heads and LoRA are the saved ones.
+    at_ckpt, _ = _trainer(tmp_path, cache, max_steps=2)
+    at_ckpt.train(resume_from_checkpoint=str(ckpt))
+    state = at_ckpt.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
     # The bank came back from the checkpoint and kept filling: the first 6 entries are the saved ones.
     assert len(plugin2.bank) == 12
     assert torch.equal(plugin2.bank.entries()[0][:6], bank_actions)

@@ -14,7 +14,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.checkpoints import load_states, save_states
+from vla_energy.training.checkpoints import load_states, save_states, trainable_keys
 from vla_energy.training.clipping import clip_group_
 from vla_energy.training.plugin import EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
@@ -216,10 +216,31 @@ class EnergyLossMixin:
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             save_states(folder, {PLUGIN_STATE: self.energy_plugin})
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """A checkpoint of an EnergyVLAModel holds what training changes (LoRA, heads, buffers), not the frozen
+        backbone, which a resumed run rebuilds from its base; save_model() outside a checkpoint saves everything."""
+        if state_dict is None and getattr(self, "_in_checkpoint", False):
+            net = self.accelerator.unwrap_model(self.model)
+            if isinstance(net, EnergyVLAModel):
+                keep = trainable_keys(net)
+                state_dict = {k: v for k, v in net.state_dict().items() if k in keep}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Frozen backbone weights are missing from a checkpoint on purpose (see _save): only warn about the rest."""
+        net = self.accelerator.unwrap_model(self.model)
+        frozen = {n for n, p in net.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in frozen]
+        super()._issue_warnings_after_load(load_result)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
