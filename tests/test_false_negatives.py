@@ -2,27 +2,17 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
+from test_distributed import DA, SINGLE, D, H, S, _head  # the same small float64 head and sizes
 
-from vla_energy import EnergyHead, EnergyHeadConfig
 from vla_energy.losses.bank import ActionBank
 from vla_energy.losses.false_negatives import chunk_rms, lookalike_mask
 from vla_energy.losses.global_infonce import global_infonce_loss
 from vla_energy.losses.negatives import false_negative_mask
-
-H, DA, S, D = 4, 2, 5, 8
-SINGLE = SimpleNamespace(num_processes=1, process_index=0)
-
-
-def _head() -> EnergyHead:
-    torch.manual_seed(0)
-    cfg = EnergyHeadConfig(context_dim=D, action_dim=DA, horizon=H, hidden_dim=16, num_heads=2, num_layers=1)
-    return EnergyHead(cfg).double()
 
 
 def _data() -> dict:

@@ -6,10 +6,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["param_groups"]
+__all__ = ["param_groups", "trainable_parameters"]
 
 
-def _trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+def trainable_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The parameters with requires_grad of `modules`, each once (shared ones are not repeated)."""
     seen: set[int] = set()
     params = []
     for module in modules:
@@ -36,8 +37,8 @@ def param_groups(
         raise ValueError(f"energy_lr_scale={energy_lr_scale}, expected > 0")
     # The policy's heads: the action head, and with use_state the state projector.
     heads = [action_head] if isinstance(action_head, nn.Module) else list(action_head)
-    policy = _trainable([backbone, *heads])
-    energy = _trainable(energy_modules)
+    policy = trainable_parameters([backbone, *heads])
+    energy = trainable_parameters(energy_modules)
     if not energy:
         raise ValueError("the energy head has no trainable parameters")
     groups = [{"params": policy, "lr": lr, "weight_decay": weight_decay, "name": "policy"}] if policy else []

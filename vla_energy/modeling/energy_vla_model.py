@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from vla_energy.backbones.param_groups import trainable_parameters
 from vla_energy.backbones.readout import backbone_forward
 from vla_energy.modeling.process_group import ProcessGroup
 from vla_energy.modeling.state_projector import inject_state_embedding
@@ -72,11 +73,11 @@ class EnergyVLAModel(nn.Module):
 
     def policy_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the policy (backbone LoRA + action head + state projector)."""
-        return _trainable([self.backbone, *self.policy_heads()])
+        return trainable_parameters([self.backbone, *self.policy_heads()])
 
     def energy_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the energy side (head, learnable temperature)."""
-        return _trainable([self.energy_head, self.temperature])
+        return trainable_parameters([self.energy_head, self.temperature])
 
     def _base_backbone(self) -> nn.Module:
         return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
@@ -149,14 +150,3 @@ class EnergyVLAModel(nn.Module):
         with torch.no_grad():
             return self.energy_head(readout.context, cands, context_mask=readout.context_mask,
                                     action_mask=candidates.get("candidate_mask"))
-
-
-def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
