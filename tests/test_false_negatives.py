@@ -104,3 +104,23 @@ def test_lookalike_mask_agrees_with_bank_and_explicit_negatives():
     assert chunk_rms(pos, pos).diagonal().abs().max() == 0
     with pytest.raises(ValueError, match="false_negative_eps=-1"):
         lookalike_mask(pos, chunks, -1.0)
+
+
+def test_symmetric_term_leaves_out_lookalike_contexts():
+    """actions -> contexts: a context whose own chunk is a look-alike of the action is not a negative either."""
+    data, head = _data(), _head()
+    context, actions, mask = data["context"], data["actions"], data["action_mask"]
+    ids = data["sample_ids"]
+
+    def loss(symmetric: bool) -> torch.Tensor:
+        return global_infonce_loss(head, context, actions, SINGLE, tau=0.3, action_mask=mask, sample_ids=ids,
+                                   false_negative_eps=1e-2, symmetric=symmetric)[0]
+
+    with torch.no_grad():
+        energies = head(context, pool=actions, pool_action_mask=mask)  # [contexts, actions]
+    logits = -energies.t() / 0.3  # [actions, contexts]
+    same = lookalike_mask(actions, actions, 1e-2, mask, ids, ids)
+    same.fill_diagonal_(False)
+    assert same[0, 4] and same[4, 0] and same[1, 5] and same[5, 1]  # a look-alike pair and a repeated sample id
+    expected = torch.nn.functional.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(6))
+    torch.testing.assert_close(loss(True) - loss(False), expected, rtol=1e-9, atol=1e-9)

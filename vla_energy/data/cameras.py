@@ -10,6 +10,7 @@ from datasets import Dataset
 from PIL import Image as PILImage
 
 from vla_energy.data.arguments import CAMERA_LAYOUTS
+from vla_energy.data.collator import to_pil_image
 from vla_energy.data.video import decode_frame_refs
 
 __all__ = ["CAMERA_LAYOUTS", "camera_column", "camera_columns", "tile_images", "CameraTransform", "with_cameras"]
@@ -55,7 +56,7 @@ class CameraTransform:
     def _pil(self, values: list[Any]) -> list[PILImage.Image]:
         if values and isinstance(values[0], dict) and "video_path" in values[0]:
             return [PILImage.fromarray(rgb) for rgb in decode_frame_refs(values)]
-        return [v if isinstance(v, PILImage.Image) else PILImage.open(v["path"]) for v in values]
+        return [to_pil_image(v) for v in values]
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if not all(c in batch for c in self.columns):  # a read of other columns only (e.g. ds["actions"])

@@ -30,13 +30,13 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
     run_dir = Path(run_dir)
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}, expected 'train' or 'val'")
-    _, data_cfg, _, energy_args, train = load_run_config(run_dir)
+    model_cfg, data_cfg, _, energy_args, train = load_run_config(run_dir)
     policy = load_policy(run_dir, device=device, trust_remote_code=trust_remote_code)
     train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
     ds = val_ds if split == "val" else train_ds
     ds = ds.select(spread_indices(len(ds), max_samples))
     collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"],
-                           state_token=policy.info.get("state_token"))
+                           state_token=policy.info.get("state_token"), processor_kwargs=model_cfg.processor_kwargs)
     loader = DataLoader(ds, batch_size=32, collate_fn=collator)
     batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
     result = collect_eval_outputs(policy.backbone, policy.plugin, batches, progress=progress)
@@ -70,7 +70,7 @@ def _bar(path: Path, values: dict[str, float], title: str, chance: Optional[floa
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(list(values), list(values.values()))
     if chance is not None:
-        ax.axhline(chance, color="k", ls="--", lw=1, label="chance (31 others)")
+        ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance ({round(1 / chance) - 1} others)")
         ax.legend()
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)

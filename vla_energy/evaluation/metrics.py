@@ -17,8 +17,8 @@ from vla_energy.modeling.state_projector import inject_state_embedding
 from vla_energy.training.plugin import EnergyPlugin
 
 __all__ = [
-    "spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics", "evaluate",
-    "metrics_by_negative_type",
+    "spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics",
+    "summarize_ranking", "metrics_by_negative_type",
 ]
 
 
@@ -112,7 +112,7 @@ def ranking_metrics(
     batch_size: int = 64,
     false_negative_eps: float = 1e-2,
 ) -> dict[str, float]:
-    """The one definition of the ranking metrics, used by training's evaluation and by `vla-energy evaluate`.
+    """The ranking metrics of in-memory eval outputs (`vla-energy evaluate`); summarize_ranking is the shared definition.
 
     The true chunk competes with `num_negatives` chunks of other episodes (fixed by `seed`); every chunk is scored
     with its own action_mask. Pool chunks within `false_negative_eps` RMS of the truth (over its real steps) are
@@ -170,21 +170,6 @@ def summarize_ranking(energies: Tensor, candidates: Tensor, candidate_mask: Tens
         "action_l1": float(masked_l1(policy.float().cpu(), actions, masks)),
         "eval_samples": float(n),
     }
-
-
-def evaluate(
-    backbone: nn.Module,
-    plugin: EnergyPlugin,
-    batches: Iterable[Mapping[str, Tensor]],
-    num_negatives: int = 31,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[dict[str, float], EvalResult]:
-    """Collect outputs on the split and compute the ranking metrics with the plugin's energy head."""
-    result = collect_eval_outputs(backbone, plugin, batches, progress)
-    metrics = ranking_metrics(plugin.energy_head, result, num_negatives, seed,
-                              false_negative_eps=plugin.args.false_negative_eps)
-    return metrics, result
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ POLICY_CONFIG = "policy_config.json"
 FORMAT_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What belongs to a policy (a checkpoint directory also holds optimizer, RNG and trainable-state files).
-POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "backbone/*", "merged/*", "adapter/*", "action_head/*",
+POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "merged/*", "adapter/*", "action_head/*",
                    "energy_head/*", "state_projector/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
                    "README.md", "metrics.json", "*.png"]
 
@@ -227,7 +227,8 @@ def _load_real_base(path: Path, info: dict[str, Any], dtype: torch.dtype, trust_
     if info.get("state_token") and info["state_token"] not in tokenizer.get_vocab():
         tokenizer.add_tokens([info["state_token"]], special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        # The new rows are overwritten below (action token) or unused by the model; no random init needed.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if info.get("state_token") and int(tokenizer.convert_tokens_to_ids(info["state_token"])) != info["state_token_id"]:
         raise ValueError(f"{path}: the tokenizer maps {info['state_token']!r} to id "
                          f"{tokenizer.convert_tokens_to_ids(info['state_token'])}, the policy was trained with id "
@@ -257,6 +258,10 @@ def load_policy(
     dtype it was trained in) on `device`. trainable: LoRA and heads in train mode."""
     path = resolve_policy_dir(path, revision)
     info = json.loads((path / POLICY_CONFIG).read_text())
+    if info.get("tiny_kind") is not None:
+        raise ValueError(f"{path} was saved by an older vla_energy around a hand-made tiny test backbone "
+                         f"({info['tiny_kind']!r}), which no longer exists: train it again (tiny-* names now load "
+                         "real-format checkpoints)")
     torch_dtype = _as_dtype(dtype, info.get("dtype", "float32"))
     merged = bool(info.get("merged")) and (path / "merged").is_dir()
     info["merged"] = merged

@@ -143,6 +143,7 @@ def global_infonce_loss(
     am = torch.ones(b, h, dtype=torch.bool, device=context.device) if action_mask is None else action_mask.bool()
     shared, shared_mask, valid = [], [], []
     lookalikes = torch.zeros(b, dtype=torch.float64, device=context.device)
+    same = None  # [b, N] look-alikes of each local positive among the batch columns
     if batch in ("global", "local"):
         cols, col_mask, col_ids, first = ((gathered.actions, gathered.action_mask, gathered.sample_ids, gathered.offset)
                                           if gathered is not None else (actions, am, sample_ids, 0))
@@ -200,7 +201,7 @@ def global_infonce_loss(
     # Each rank's share: DDP's mean over W ranks then gives sum over all rows / total rows.
     loss = (rows * keep).sum() * (world / max(total_rows, 1.0))
     if symmetric and gathered is not None:
-        loss = loss + _symmetric_term(energies[:, : gathered.actions.shape[0]], gathered, tau_value, world)
+        loss = loss + _symmetric_term(energies[:, : gathered.actions.shape[0]], gathered, tau_value, world, same)
     stats = _global_stats(accelerator, e_detached, labels, neg, types, tau_value, head, rows.detach(), keep,
                           lookalikes)
     return loss, stats
@@ -223,14 +224,18 @@ def _global_tau(tau: TauLike, accelerator: Any, e_pos: Tensor, energies: Tensor,
     return tau(mean_pos, mean_neg)
 
 
-def _symmetric_term(block: Tensor, gathered: GatheredBatch, tau: Tensor, world: int) -> Tensor:
-    """Each local action against all processes' contexts; the [N,N] matrix is built from gathered [b,N] blocks."""
+def _symmetric_term(block: Tensor, gathered: GatheredBatch, tau: Tensor, world: int,
+                    same: Optional[Tensor] = None) -> Tensor:
+    """Each local action against all processes' contexts; the [N,N] matrix is built from gathered [b,N] blocks.
+    `same` [b, N]: contexts whose own chunk is a look-alike of the local action are left out, as in the rows."""
     n = gathered.actions.shape[0]
     full = _all_gather_with_grad(block, gathered.sizes) if world > 1 else block  # [N contexts, N actions]
     b = block.shape[0]
     cols = gathered.offset + torch.arange(b, device=block.device)
     work = torch.promote_types(full.dtype, torch.float32)
     logits = -full[:, cols].to(work).t() / tau.to(work)  # [b actions, N contexts]
+    if same is not None:
+        logits = logits.masked_fill(same.to(logits.device), float("-inf"))
     per_col = F.cross_entropy(logits, cols, reduction="none")
     return per_col.sum() * (world / max(n, 1))
 

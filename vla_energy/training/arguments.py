@@ -212,7 +212,7 @@ class TrainArguments:
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite={self.on_nonfinite!r}, expected one of {NONFINITE_MODES}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_steps"):
+                     "max_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
         from vla_energy.training.preflight import EVAL_STRATEGIES

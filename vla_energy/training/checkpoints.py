@@ -207,7 +207,7 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
     if not (path / COMPLETE_MARKER).exists():
         raise ValueError(
             f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}); it may be truncated by a killed save. "
-            f"Use --resume_from latest to pick the newest complete one"
+            f"Use --resume_from_checkpoint latest to pick the newest complete one"
         )
     return path
 

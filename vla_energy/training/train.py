@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         warnings.warn("DeepSpeed clips all gradients together with its config's gradient_clipping; the per-group "
                       "norms (max_grad_norm for the policy, the schedule's for the energy head) do not apply "
                       "(docs/distributed.md)", stacklevel=2)
+        if train.on_nonfinite == "skip":
+            # The engine steps inside backward at the window's end: a window cannot be left out after the fact.
+            warnings.warn("DeepSpeed steps inside backward, so a non-finite loss cannot be skipped: on_nonfinite is "
+                          "raise under DeepSpeed", stacklevel=2)
+            train.on_nonfinite = "raise"
 
     # Data: the main process builds (and caches) the dataset first, the others read the cache.
     with accelerator.main_process_first():
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loaded = load_backbone(model_args.backbone, model_args.trust_remote_code, model_args.action_token,
                                    model_args.dtype)
             backbone, action_head = None, None
-        # The state token joins the vocabulary before LoRA wraps the model (it may grow the embeddings).
+        # The state token joins the vocabulary (it may grow the embeddings) before a fresh backbone gets LoRA.
         state_token_id = add_state_token(loaded.processor, loaded.model, model_args.state_token) if state_dim else None
         if backbone is None:
             backbone = apply_lora(loaded.model, lora_args)
@@ -107,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               state_token_id=state_token_id)
         return EnergyVLAModel(backbone, plugin), loaded
 
-    # The main process loads first: a tiny-* checkpoint is built into the cache on first use, and under a process
-    # group transformers' save_pretrained writes the weights only on rank 0.
+    # The main process loads first, so that a tiny-* checkpoint built into the cache on first use is built once.
     with accelerator.main_process_first():
         model, loaded = build_model()
     plugin = model.plugin
@@ -339,8 +343,7 @@ def policy_module(accelerator: Accelerator, model: torch.nn.Module, build: Calla
     if not accelerator.is_main_process:
         return accelerator.unwrap_model(model)
     fresh, _ = build()
-    fresh.load_state_dict(full)
-    fresh.plugin.load_state_dict(accelerator.unwrap_model(model).plugin.state_dict())
+    fresh.load_state_dict(full)  # the temperature is a submodule: its state comes with the rest
     return fresh
 
 

@@ -1,4 +1,4 @@
-"""transformers.Trainer integration: EnergyVLAModel (backbone + heads), EnergyLossMixin, EnergyTrainer."""
+"""transformers.Trainer integration: EnergyLossMixin and EnergyTrainer, which train an EnergyVLAModel."""
 
 from __future__ import annotations
 
@@ -232,7 +232,8 @@ class EnergyLossMixin:
             net = self.accelerator.unwrap_model(self.model)
             if isinstance(net, EnergyVLAModel):
                 keep = trainable_keys(net)
-                state_dict = {k: v for k, v in net.state_dict().items() if k in keep}
+                # clone: tied aliases (a trained embedding and its LM head) share storage, which safetensors refuses
+                state_dict = {k: v.detach().clone() for k, v in net.state_dict().items() if k in keep}
         super()._save(output_dir, state_dict=state_dict)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
