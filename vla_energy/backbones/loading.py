@@ -12,10 +12,10 @@ from torch import nn
 
 from vla_energy.backbones.action_token import add_action_token
 
-__all__ = ["LoadedBackbone", "load_backbone", "resolve_backbone", "resolve_dtype", "TINY_PREFIX"]
+__all__ = ["LoadedBackbone", "load_backbone", "resolve_backbone", "resolve_dtype", "TINY_PREFIX", "DTYPES"]
 
 TINY_PREFIX = "tiny-"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -33,9 +33,9 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     """`auto` -> bfloat16 with CUDA, float32 without; else float32 | bfloat16 | float16."""
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}, expected auto | {' | '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}, expected auto | {' | '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def resolve_backbone(name: str) -> str:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vla_energy.backbones.readout import backbone_forward
+from vla_energy.losses.false_negatives import rowwise_rms
 from vla_energy.losses.negatives import false_negative_mask
 from vla_energy.losses.policy_l1 import masked_l1
 from vla_energy.modeling.state_projector import inject_state_embedding
@@ -96,13 +97,6 @@ def _pad_contexts(contexts: list[Tensor]) -> tuple[Tensor, Tensor]:
     return ctx, mask
 
 
-def _rms_to_truth(truth: Tensor, chunks: Tensor, mask: Tensor) -> Tensor:
-    """[b, K] RMS distance of each row's chunks [b,K,H,Da] to its truth [b,H,Da] over the truth's real steps."""
-    sq = (chunks.double() - truth.double()[:, None]).square().mean(dim=-1)  # [b, K, H]
-    steps = mask.double()[:, None]
-    return ((sq * steps).sum(dim=-1) / steps.sum(dim=-1).clamp(min=1)).sqrt()
-
-
 @torch.no_grad()
 def ranking_metrics(
     head: nn.Module,
@@ -154,7 +148,7 @@ def summarize_ranking(energies: Tensor, candidates: Tensor, candidate_mask: Tens
     e, candidates, candidate_mask = energies.float().cpu(), candidates.float().cpu(), candidate_mask.bool().cpu()
     actions, masks = candidates[:, 0], candidate_mask[:, 0]
     keep = false_negative_mask(actions, candidates[:, 1:], masks, false_negative_eps)
-    dist = _rms_to_truth(actions, candidates, masks)
+    dist = rowwise_rms(actions, candidates, masks)
     e_pos, e_neg = e[:, 0], e[:, 1:]
     usable = torch.cat([torch.ones(n, 1, dtype=torch.bool), keep], dim=1)
     choice = e.masked_fill(~usable, float("inf")).argmin(dim=1)

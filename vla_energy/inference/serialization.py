@@ -28,7 +28,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vla_energy.backbones.loading import LoadedBackbone
+from vla_energy.backbones.loading import DTYPES, LoadedBackbone
 from vla_energy.backbones.lora import is_peft
 from vla_energy.modeling.action_head import ActionHead
 from vla_energy.modeling.modeling_energy_head import EnergyHead
@@ -40,7 +40,6 @@ __all__ = ["save_policy", "write_policy", "checkpoint_policy_writer", "load_poli
 
 POLICY_CONFIG = "policy_config.json"
 FORMAT_VERSION = 2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What belongs to a policy (a checkpoint directory also holds optimizer, RNG and trainable-state files).
 POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "merged/*", "adapter/*", "action_head/*",
                    "energy_head/*", "state_projector/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
@@ -84,14 +83,12 @@ def write_policy(
     loaded: LoadedBackbone,
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     merge_lora: bool = False,
-    final_dir: Optional[str | Path] = None,
     run_config: Optional[str | Path] = None,
 ) -> Path:
     """Write the policy files into the existing directory `out`.
 
     The base is referred to by name and revision (a tiny test backbone's name resolves to its cached checkpoint);
-    run_config: the run's run_config.json, copied (dataset, cameras, training options). final_dir: unused, kept
-    for callers that write into a temporary directory first.
+    run_config: the run's run_config.json, copied (dataset, cameras, training options).
     """
     out = Path(out)
     base = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
@@ -137,7 +134,7 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_policy(tmp, *args, final_dir=out, **kwargs)
+    write_policy(tmp, *args, **kwargs)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -146,14 +143,13 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
 
 def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,
                              loaded: LoadedBackbone, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m
-                             ) -> Callable[[Path, Path], Path]:
+                             ) -> Callable[[Path], Path]:
     """save_checkpoint's policy_writer: the policy files into a checkpoint, without a copy of the frozen base (it is
     referred to by name and revision)."""
     run_dir = Path(run_dir)
 
-    def write(tmp: Path, final: Path) -> Path:
-        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, final_dir=final,
-                            run_config=run_dir / "run_config.json")
+    def write(tmp: Path) -> Path:
+        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, run_config=run_dir / "run_config.json")
 
     return write
 

@@ -9,7 +9,17 @@ from torch import Tensor
 
 from vla_energy.checks import check_mask, check_tensor
 
-__all__ = ["chunk_rms", "lookalike_mask"]
+__all__ = ["chunk_rms", "rowwise_rms", "lookalike_mask"]
+
+
+def rowwise_rms(positives: Tensor, chunks: Tensor, positive_mask: Optional[Tensor] = None) -> Tensor:
+    """[b, K] RMS distance (float64) of each row's chunks [b,K,H,Da] to its positive [b,H,Da], over the positive's
+    real steps (a positive without any real step is at distance 0)."""
+    pos = positives.detach().double()
+    sq = (chunks.detach().to(pos.device, torch.float64) - pos[:, None]).square().mean(dim=-1)  # [b, K, H]
+    steps = (torch.ones(pos.shape[:2], dtype=torch.float64, device=pos.device) if positive_mask is None
+             else positive_mask.to(pos.device).double())[:, None]
+    return ((sq * steps).sum(dim=-1) / steps.sum(dim=-1).clamp(min=1)).sqrt()
 
 
 def chunk_rms(positives: Tensor, chunks: Tensor, positive_mask: Optional[Tensor] = None) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from vla_energy.checks import check_mask, check_tensor
+from vla_energy.losses.false_negatives import rowwise_rms
 
 __all__ = [
     "LAYER_MODES",
@@ -168,15 +169,12 @@ def false_negative_mask(
     check_tensor("negatives", negatives, ("B", "M", "H", "Da"), device=actions.device, B=b, H=h, Da=da)
     if eps < 0:
         raise ValueError(f"false_negative_eps={eps}, expected >= 0")
-    sq = (negatives.double() - actions.double().unsqueeze(1)).square().sum(dim=-1)  # [B,M,H]
     if action_mask is None:
-        steps = torch.full((b, 1), float(h), dtype=torch.float64, device=actions.device)
+        real = torch.ones(b, h, dtype=torch.bool, device=actions.device)
     else:
         real = check_mask("action_mask", action_mask, (b, h), device=actions.device).bool()
-        sq = sq * real.unsqueeze(1)
-        steps = real.sum(dim=1, keepdim=True).double()
-    rms = (sq.sum(dim=-1) / (steps.clamp(min=1) * da)).sqrt()
-    return (rms > eps) & (steps > 0)
+    rms = rowwise_rms(actions, negatives, real)
+    return (rms > eps) & real.any(dim=1, keepdim=True)
 
 
 def build_negatives(

@@ -145,10 +145,10 @@ def register_checkpoint_hooks(accelerator: Accelerator) -> None:
 
 def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int,
                     states: Optional[dict[str, Any]] = None,
-                    policy_writer: Optional[Callable[[Path, Path], Any]] = None) -> Path:
+                    policy_writer: Optional[Callable[[Path], Any]] = None) -> Path:
     """accelerator.save_state (+ `states` as safetensors/JSON) into `directory.tmp`, a marker, an atomic rename.
 
-    `policy_writer(tmp_dir, final_dir)`, run on the main process, adds the policy files, so that the checkpoint
+    `policy_writer(tmp_dir)`, run on the main process, adds the policy files, so that the checkpoint
     also loads with EnergyPolicy.from_pretrained.
     """
     final = Path(directory)
@@ -161,7 +161,7 @@ def save_checkpoint(accelerator: Accelerator, directory: str | Path, step: int,
     if accelerator.is_main_process:
         save_states(tmp, states or {})
         if policy_writer is not None:
-            policy_writer(tmp, final)
+            policy_writer(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
         if final.exists():
             shutil.rmtree(final)
