@@ -107,6 +107,19 @@ class EnergyArguments:
         default=False, metadata={"help": "The policy's own chunk (detached) as a negative when farther than "
                                          "false_negative_eps from the truth (needs explicit negatives)."}
     )
+    candidate_ranking: int = field(
+        default=0, metadata={"help": "Candidates per positive for a listwise ranking loss (0: off): the policy's chunk, "
+                                     "it plus other rows' errors and it plus noise at its error scale, whose energies "
+                                     "are trained to follow their distance to the truth (docs/selection.md)."}
+    )
+    candidate_ranking_weight: float = field(default=1.0, metadata={"help": "Weight of the candidate ranking loss."})
+    ranking_target_temperature: float = field(
+        default=0.1, metadata={"help": "Ranking targets softmax(-d / (t * mean d)) over candidate distances d: this t."}
+    )
+    grad_align_weight: float = field(
+        default=0.0, metadata={"help": "Weight of a term making -dE/da at truth + policy-scale noise point toward the "
+                                       "truth (for refinement; 0: off)."}
+    )
     bank_size: int = field(default=0, metadata={"help": "ActionBank size: recent gathered chunks as negatives (0: none)."})
     symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
     context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from vla_energy.backbones.readout import BackboneReadout, read_backbone
 from vla_energy.losses.bank import ActionBank
+from vla_energy.losses.candidate_ranking import candidate_ranking_loss, ranking_candidates
+from vla_energy.losses.gradient_alignment import gradient_alignment_loss
 from vla_energy.losses.negatives import build_negatives
 from vla_energy.losses.policy_l1 import masked_l1
 from vla_energy.losses.policy_negatives import RunningPolicyError, concat_negatives, policy_negatives
@@ -85,7 +87,8 @@ class EnergyPlugin:
         self.state_token_id = None if state_token_id is None else int(state_token_id)
         self.temperature: nn.Module = make_temperature(args.temperature, args.tau)
         self.bank = ActionBank(args.bank_size, horizon, action_dim, eps=args.false_negative_eps) if args.bank_size else None
-        self.policy_error = RunningPolicyError(horizon, action_dim) if args.policy_error_negatives else None
+        uses_error = args.policy_error_negatives or args.candidate_ranking or args.grad_align_weight
+        self.policy_error = RunningPolicyError(horizon, action_dim) if uses_error else None
         self.plan: Optional[StrategyPlan] = None
         self.generator: Optional[torch.Generator] = None
         self.process_index = 0
@@ -203,12 +206,19 @@ class EnergyPlugin:
         negatives = None
         if not self.is_evaluating:
             self.draws += 1
-        if self.plan.explicit:
+        if self.plan.explicit or self._uses_policy_terms():
             # Reseeded from (seed, rank, call) rather than carried along: the main process saves the checkpoint,
             # and one saved generator state would give every rank rank 0's stream after a resume.
             key = [self.args.negatives_seed, self.process_index, self.draws]
             seed = np.random.SeedSequence(key + [_EVAL_STREAM] if self.is_evaluating else key)
             self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+        policy = layer_actions[-1] if layer_actions else None
+        scale = None
+        if self.policy_error is not None and policy is not None:  # evaluation reads the running error, never moves it
+            scale = (self.policy_error.scale.to(actions.device) if self.is_evaluating else
+                     self.policy_error.update(accelerator, policy, actions, action_mask))
+            scale = scale if self.policy_error.initialized else None
+        if self.plan.explicit:
 
             def energy_fn(chunk: Tensor) -> Tensor:
                 with torch.no_grad():
@@ -226,17 +236,13 @@ class EnergyPlugin:
                 action_mask=action_mask,
                 generator=self.generator,
             )
-            if layer_actions and (self.args.policy_error_negatives or self.args.policy_negative):
-                scale = None
-                if self.policy_error is not None:  # evaluation reads the running error, never moves it
-                    scale = (self.policy_error.scale.to(actions.device) if self.is_evaluating else
-                             self.policy_error.update(accelerator, layer_actions[-1], actions, action_mask))
+            if policy is not None and (self.args.policy_error_negatives or self.args.policy_negative):
                 negatives = concat_negatives(negatives, policy_negatives(
-                    actions, layer_actions[-1], scale, self.args.policy_error_negatives, self.args.policy_negative,
+                    actions, policy, scale, self.args.policy_error_negatives, self.args.policy_negative,
                     action_mask, self.args.false_negative_eps, self.generator))
         staged = self.bank.num_staged() if self.bank is not None else 0
         try:
-            return strategy_loss(
+            loss, stats = strategy_loss(
                 self.plan, head, ctx, actions, accelerator,
                 context_mask=cmask, tau=self.temperature, negatives=negatives, bank=self.bank,
                 action_mask=action_mask, sample_ids=sample_ids, symmetric=self.args.symmetric,
@@ -245,6 +251,28 @@ class EnergyPlugin:
         finally:
             if self.is_evaluating and self.bank is not None:
                 self.bank.discard(keep=staged)  # the bank only holds training data
+        if policy is None and self._uses_policy_terms():
+            raise ValueError("candidate_ranking and grad_align_weight need the policy's chunk (layer_actions)")
+        if self.args.candidate_ranking and ctx.shape[0] > 0:
+            cands = ranking_candidates(actions, policy, scale, self.args.candidate_ranking, action_mask,
+                                       self.generator)
+            rank_loss, rank_stats = candidate_ranking_loss(
+                head, ctx, cands, actions, self.args.tau, context_mask=cmask, action_mask=action_mask,
+                target_temperature=self.args.ranking_target_temperature)
+            loss = loss + self.args.candidate_ranking_weight * rank_loss
+            stats.update(ranking_loss=float(rank_loss.detach()), **rank_stats)
+        if self.args.grad_align_weight and ctx.shape[0] > 0:
+            s = (torch.full(actions.shape[1:], 0.1, device=actions.device) if scale is None else scale)
+            noise = torch.randn(actions.shape, generator=self.generator, device=actions.device, dtype=actions.dtype)
+            perturbed = actions + s.to(actions.device, actions.dtype) * noise
+            align_loss, align_stats = gradient_alignment_loss(head, ctx, actions, perturbed, cmask, action_mask)
+            loss = loss + self.args.grad_align_weight * align_loss
+            stats.update(grad_align_loss=float(align_loss.detach()), **align_stats)
+        return loss, stats
+
+    def _uses_policy_terms(self) -> bool:
+        """Whether a term beside the InfoNCE scores chunks built from the policy's (candidate ranking, alignment)."""
+        return bool(self.args.candidate_ranking or self.args.grad_align_weight)
 
     def after_optimizer_step(self) -> None:
         """Enqueue this step's gathered actions into the bank (identical on every rank)."""

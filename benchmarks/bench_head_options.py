@@ -1,0 +1,154 @@
+"""Energy-head training options on one fixed policy: each variant trained head-only on the same frozen outputs, 3 seeds.
+
+    python benchmarks/bench_head_options.py --run_dir runs/demo --out runs/bench_head_options
+    python benchmarks/bench_head_options.py --run_dir runs/demo --variants base policy_negative --seeds 0 1 2
+
+The run's policy (backbone + action head) is run once over up to --max_train_samples training samples and
+--max_samples validation samples; contexts and layer-wise predictions are cached in <out>/outputs.pt. Then, per
+variant and seed, a fresh energy head (the run's head settings) is trained with the plugin's own loss for --steps
+(vla_energy.training.head_only) and evaluated on the validation split: ranking top-1 against 31 other-episode
+chunks and the selection table (vla_energy.evaluation.selection). With the default detach_context the energy loss
+never moves the backbone, so only the head differs between variants. Prints per-variant means over seeds and
+writes <out>/results.json and <out>/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+# Each variant: EnergyArguments overrides on top of the run's own.
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "policy_error_negatives": {"policy_error_negatives": 2},
+    "policy_negative": {"policy_negative": True},
+    "grad_align": {"grad_align_weight": 1.0},
+    "candidate_ranking": {"candidate_ranking": 16},
+    "all": {"policy_error_negatives": 2, "policy_negative": True, "grad_align_weight": 1.0,
+            "candidate_ranking": 16},
+}
+SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval")
+
+
+def collect(run_dir: Path, max_train: int, max_val: int, progress: bool) -> dict:
+    """The policy's outputs on both splits (contexts, truth, masks, policy and layer chunks, episodes)."""
+    from torch.utils.data import DataLoader
+
+    from vla_energy.data import VLACollator, build_datasets
+    from vla_energy.evaluation.metrics import collect_eval_outputs, spread_indices
+    from vla_energy.inference.serialization import load_policy
+    from vla_energy.training.arguments import load_run_config
+
+    model_cfg, data_cfg, _, _, _ = load_run_config(run_dir)
+    policy = load_policy(run_dir)
+    train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
+    collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"],
+                           state_token=policy.info.get("state_token"), processor_kwargs=model_cfg.processor_kwargs)
+    out = {}
+    for name, ds, count in (("train", train_ds, max_train), ("val", val_ds, max_val)):
+        loader = DataLoader(ds.select(spread_indices(len(ds), count)), batch_size=64, collate_fn=collator)
+        out[name] = collect_eval_outputs(policy.backbone, policy.plugin, loader, progress=progress)
+    out["train_chunks"] = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
+    return out
+
+
+def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
+    """Train a fresh head with the run's settings + overrides on the train outputs; evaluate on val."""
+    from vla_energy.evaluation.metrics import ranking_metrics
+    from vla_energy.evaluation.selection import selection_metrics
+    from vla_energy.training.arguments import load_run_config
+    from vla_energy.training.head_only import train_energy_head
+    from vla_energy.training.plugin import EnergyPlugin
+
+    _, data_cfg, _, energy_args, _ = load_run_config(run_dir)
+    energy_args = replace(energy_args, **overrides)
+    train, val = outputs["train"], outputs["val"]
+    torch.manual_seed(seed)
+    plugin = EnergyPlugin(energy_args, train.contexts[0].shape[-1], train.actions[0].shape[-1],
+                          train.actions[0].shape[0], action_token_id=0)
+    start = time.time()
+    trained = train_energy_head(plugin, train, args.steps, args.batch_size, args.learning_rate, seed=seed,
+                                progress=not args.disable_tqdm)
+    seconds = time.time() - start
+    head = plugin.energy_head
+    heads = Path(args.out) / "heads"
+    heads.mkdir(exist_ok=True)
+    head.save_pretrained(heads / f"{args.current}_seed{seed}")
+    ranking = ranking_metrics(head, val, false_negative_eps=energy_args.false_negative_eps, seed=data_cfg.data_seed)
+    selection, _ = selection_metrics(head, val, outputs["train_chunks"], num_samples=args.num_candidates,
+                                     seed=seed, sources=args.sources, num_resamples=200)
+    return {"top1_acc": ranking["top1_acc"], "argmin_rms": ranking["argmin_rms"], "loss_first": trained.first,
+            "loss_last": trained.last, "train_s": seconds, **selection}
+
+
+def relative(runs: list[dict], key: str) -> str:
+    """Mean over seeds of key / policy L1 - 1 in percent, [min, max] over seeds."""
+    vals = [100 * (r[key] / r["l1/policy"] - 1) for r in runs]
+    return f"{sum(vals) / len(vals):+.1f}% [{min(vals):+.1f}, {max(vals):+.1f}]"
+
+
+def summarize(results: dict[str, list[dict]], sources: list[str]) -> str:
+    """Markdown: per variant, mean over seeds of top-1 and of rerank / random / oracle relative to the policy."""
+    lines = ["| variant | seeds | top-1 | refine from policy | " + " | ".join(
+        f"{s}: rerank (random, oracle)" for s in sources) + " |", "|---|---|---|---|" + "---|" * len(sources)]
+    for name, runs in results.items():
+        top1 = sum(r["top1_acc"] for r in runs) / len(runs)
+        cells = [f"{relative(runs, f'l1/{s}/rerank')} ({relative(runs, f'l1/{s}/random')}, "
+                 f"{relative(runs, f'l1/{s}/oracle')})" for s in sources]
+        lines.append(f"| {name} | {len(runs)} | {top1:.3f} | {relative(runs, 'l1/policy/refine')} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", default="runs/demo")
+    parser.add_argument("--out", default="runs/bench_head_options")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--max_train_samples", type=int, default=4096)
+    parser.add_argument("--max_samples", type=int, default=256)
+    parser.add_argument("--num_candidates", type=int, default=16)
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
+    parser.add_argument("--disable_tqdm", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "outputs.pt"
+    if cache.exists():
+        outputs = torch.load(cache, weights_only=False)
+    else:
+        outputs = collect(run_dir, args.max_train_samples, args.max_samples, not args.disable_tqdm)
+        torch.save(outputs, cache)
+    results_path = out / "results.json"
+    results: dict[str, list[dict]] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                "num_candidates": args.num_candidates, "sources": list(args.sources)}
+    for name in args.variants:
+        for seed in args.seeds:
+            if any(r.get("seed") == seed and r.get("settings") == settings for r in results.get(name, [])):
+                continue  # measured already with these settings (the file is a cache across invocations)
+            results[name] = [r for r in results.get(name, []) if r.get("seed") != seed]
+            args.current = name
+            r = run_variant(run_dir, outputs, VARIANTS[name], seed, args)
+            results[name].append({"seed": seed, "settings": settings, **r})
+            results_path.write_text(json.dumps(results, indent=1))
+            print(f"{name} seed {seed}: top-1 {r['top1_acc']:.3f}, policy {r['l1/policy']:.4f}, " + ", ".join(
+                f"{s} rerank {r[f'l1/{s}/rerank']:.4f}" for s in args.sources) + f" ({r['train_s']:.0f} s)",
+                flush=True)
+    table = summarize({k: v for k, v in results.items() if k in args.variants}, list(args.sources))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

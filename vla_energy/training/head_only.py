@@ -1,0 +1,96 @@
+"""Train an energy head alone on a finished policy's collected outputs (frozen contexts and layer-wise predictions).
+
+With `detach_context` (the default) the energy loss never moves the backbone, so a head trained on the contexts of
+the finished policy meets the same inputs as at inference, and variants of the head can be compared on one fixed
+policy: the benchmarks of docs/selection.md do this. The loss is the plugin's own (`EnergyPlugin.energy_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vla_energy.backbones.readout import BackboneReadout
+from vla_energy.evaluation.metrics import EvalResult, _pad_contexts
+from vla_energy.modeling.process_group import ProcessGroup
+from vla_energy.training.plugin import EnergyPlugin
+
+__all__ = ["HeadOnlyResult", "train_energy_head"]
+
+
+@dataclass
+class HeadOnlyResult:
+    """Losses of a head-only run: the first and last logged mean energy loss, and every step's."""
+
+    losses: list[float]
+
+    @property
+    def first(self) -> float:
+        return self.losses[0]
+
+    @property
+    def last(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+
+def _batch(result: EvalResult, idx: Tensor, device: torch.device) -> tuple[BackboneReadout, dict[str, Tensor], list]:
+    """Readout (padded contexts; no placeholder states: the layer predictions are given), targets and layer chunks."""
+    ctx, cmask = _pad_contexts([result.contexts[i] for i in idx])
+    layers = torch.stack([result.layer_actions[i] for i in idx], dim=1).to(device)  # [L,B,H,Da]
+    readout = BackboneReadout(context=ctx.to(device), context_mask=cmask.to(device), action_hidden=layers)
+    targets = {
+        "actions": torch.stack([result.actions[i] for i in idx]).to(device),
+        "action_mask": torch.stack([result.action_mask[i] for i in idx]).to(device),
+        "sample_id": idx.to(device),
+    }
+    return readout, targets, list(layers.unbind(0))
+
+
+def train_energy_head(
+    plugin: EnergyPlugin,
+    result: EvalResult,
+    max_steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> HeadOnlyResult:
+    """AdamW on the plugin's energy modules over shuffled batches of `result` (seeded); the plugin's energy loss."""
+    n = len(result.actions)
+    if n < 2:
+        raise ValueError(f"head-only training needs at least 2 samples, got {n}")
+    if max_steps < 1 or batch_size < 2:
+        raise ValueError(f"max_steps={max_steps} and batch_size={batch_size}: expected >= 1 and >= 2")
+    device = torch.device(device)
+    group = ProcessGroup(device)
+    plugin.setup(group, min(batch_size, n))
+    plugin.generator.manual_seed(seed)
+    modules = plugin.energy_modules()
+    for m in modules:
+        m.to(device).train()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    order, pos, losses = torch.randperm(n, generator=g), 0, []
+    for _ in tqdm(range(max_steps), desc="energy head", disable=not progress, leave=False):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx, pos = order[pos:pos + batch_size], pos + batch_size
+        readout, targets, layers = _batch(result, idx, device)
+        loss, _ = plugin.energy_loss(readout, targets["actions"], targets["action_mask"], targets["sample_id"],
+                                     layers, group)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        plugin.after_optimizer_step()
+        losses.append(float(loss.detach()))
+    for m in modules:
+        m.eval()
+    return HeadOnlyResult(losses)
