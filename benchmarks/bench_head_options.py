@@ -9,7 +9,8 @@ variant and seed, a fresh energy head (the run's head settings) is trained with 
 (vla_energy.training.head_only) and evaluated on the validation split: ranking top-1 against 31 other-episode
 chunks and the selection table (vla_energy.evaluation.selection). With the default detach_context the energy loss
 never moves the backbone, so only the head differs between variants. Prints per-variant means over seeds and
-writes <out>/results.json and <out>/table.md.
+writes <out>/results_k<K>.json and <out>/table_k<K>.md (K = --num_candidates); trained heads are kept in
+<out>/heads/ and reused by a later call with the same training settings (e.g. to evaluate with another K).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def collect(run_dir: Path, max_train: int, max_val: int, progress: bool) -> dict
 
 
 def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: argparse.Namespace) -> dict:
-    """Train a fresh head with the run's settings + overrides on the train outputs; evaluate on val."""
+    """Train a fresh head with the run's settings + overrides on the train outputs (or load the one this command
+    saved with the same training settings); evaluate it on val."""
     from vla_energy.evaluation.metrics import ranking_metrics
     from vla_energy.evaluation.selection import selection_metrics
+    from vla_energy.modeling.modeling_energy_head import EnergyHead
     from vla_energy.training.arguments import load_run_config
     from vla_energy.training.head_only import train_energy_head
     from vla_energy.training.plugin import EnergyPlugin
@@ -68,22 +71,30 @@ def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: 
     _, data_cfg, _, energy_args, _ = load_run_config(run_dir)
     energy_args = replace(energy_args, **overrides)
     train, val = outputs["train"], outputs["val"]
-    torch.manual_seed(seed)
-    plugin = EnergyPlugin(energy_args, train.contexts[0].shape[-1], train.actions[0].shape[-1],
-                          train.actions[0].shape[0], action_token_id=0)
-    start = time.time()
-    trained = train_energy_head(plugin, train, args.steps, args.batch_size, args.learning_rate, seed=seed,
-                                progress=not args.disable_tqdm)
-    seconds = time.time() - start
-    head = plugin.energy_head
-    heads = Path(args.out) / "heads"
-    heads.mkdir(exist_ok=True)
-    head.save_pretrained(heads / f"{args.current}_seed{seed}")
+    saved = Path(args.out) / "heads" / f"{args.current}_seed{seed}"
+    training = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                "overrides": overrides}
+    info_path = saved / "training.json"
+    if info_path.exists() and json.loads(info_path.read_text())["settings"] == training:
+        info = json.loads(info_path.read_text())
+        head = EnergyHead.from_pretrained(saved).eval()
+    else:
+        torch.manual_seed(seed)
+        plugin = EnergyPlugin(energy_args, train.contexts[0].shape[-1], train.actions[0].shape[-1],
+                              train.actions[0].shape[0], action_token_id=0)
+        start = time.time()
+        trained = train_energy_head(plugin, train, args.steps, args.batch_size, args.learning_rate, seed=seed,
+                                    progress=not args.disable_tqdm)
+        info = {"settings": training, "loss_first": trained.first, "loss_last": trained.last,
+                "train_s": time.time() - start}
+        head = plugin.energy_head
+        head.save_pretrained(saved)
+        info_path.write_text(json.dumps(info))
     ranking = ranking_metrics(head, val, false_negative_eps=energy_args.false_negative_eps, seed=data_cfg.data_seed)
     selection, _ = selection_metrics(head, val, outputs["train_chunks"], num_samples=args.num_candidates,
-                                     seed=seed, sources=args.sources, num_resamples=200)
-    return {"top1_acc": ranking["top1_acc"], "argmin_rms": ranking["argmin_rms"], "loss_first": trained.first,
-            "loss_last": trained.last, "train_s": seconds, **selection}
+                                     seed=seed, sources=args.sources, num_resamples=200, tau=energy_args.tau)
+    return {"top1_acc": ranking["top1_acc"], "argmin_rms": ranking["argmin_rms"], "loss_first": info["loss_first"],
+            "loss_last": info["loss_last"], "train_s": info["train_s"], **selection}
 
 
 def relative(runs: list[dict], key: str) -> str:
@@ -93,15 +104,16 @@ def relative(runs: list[dict], key: str) -> str:
 
 
 def summarize(results: dict[str, list[dict]], sources: list[str]) -> str:
-    """Markdown: per variant, mean over seeds of top-1 and of rerank / random / oracle relative to the policy."""
-    lines = ["| variant | seeds | top-1 | refine from policy | " + " | ".join(
-        f"{s}: rerank (random, oracle)" for s in sources) + " |", "|---|---|---|---|" + "---|" * len(sources)]
+    """Markdown: per variant and source, mean over seeds of each selection's L1 relative to the policy."""
+    lines = ["| variant | source | top-1 | random | uniform | rerank | mean | refine | oracle |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         top1 = sum(r["top1_acc"] for r in runs) / len(runs)
-        cells = [f"{relative(runs, f'l1/{s}/rerank')} ({relative(runs, f'l1/{s}/random')}, "
-                 f"{relative(runs, f'l1/{s}/oracle')})" for s in sources]
-        lines.append(f"| {name} | {len(runs)} | {top1:.3f} | {relative(runs, 'l1/policy/refine')} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {name} | policy (refine) | {top1:.3f} | | | | | {relative(runs, 'l1/policy/refine')} | |")
+        for source in sources:
+            cells = [relative(runs, f"l1/{source}/{sel}")
+                     for sel in ("random", "uniform", "rerank", "mean", "refine", "oracle")]
+            lines.append(f"| {name} | {source} | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +141,7 @@ def main() -> None:
     else:
         outputs = collect(run_dir, args.max_train_samples, args.max_samples, not args.disable_tqdm)
         torch.save(outputs, cache)
-    results_path = out / "results.json"
+    results_path = out / f"results_k{args.num_candidates}.json"
     results: dict[str, list[dict]] = json.loads(results_path.read_text()) if results_path.exists() else {}
     settings = {"steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                 "num_candidates": args.num_candidates, "sources": list(args.sources)}
@@ -143,10 +155,10 @@ def main() -> None:
             results[name].append({"seed": seed, "settings": settings, **r})
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{name} seed {seed}: top-1 {r['top1_acc']:.3f}, policy {r['l1/policy']:.4f}, " + ", ".join(
-                f"{s} rerank {r[f'l1/{s}/rerank']:.4f}" for s in args.sources) + f" ({r['train_s']:.0f} s)",
-                flush=True)
+                f"{s} rerank {r[f'l1/{s}/rerank']:.4f} mean {r[f'l1/{s}/mean']:.4f}" for s in args.sources)
+                + f" (trained in {r['train_s']:.0f} s)", flush=True)
     table = summarize({k: v for k, v in results.items() if k in args.variants}, list(args.sources))
-    (out / "table.md").write_text(table + "\n")
+    (out / f"table_k{args.num_candidates}.md").write_text(table + "\n")
     print(table)
 
 

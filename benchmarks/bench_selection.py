@@ -44,12 +44,14 @@ def table(metrics: dict[str, float]) -> str:
              f"top-1 {metrics['top1_acc']:.3f} (chance {metrics['chance_acc']:.3f}), argmin RMS "
              f"{metrics['argmin_rms']:.4f}, {int(metrics['eval_samples'])} samples, "
              f"{int(metrics['candidates'])} candidates per source", "",
-             "| source | random | rerank | refine | oracle | rerank - policy |", "|---|---|---|---|---|---|"]
+             "| source | random | uniform | rerank | mean | refine | oracle | rerank - policy | mean - policy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     sources = sorted({k.split("/")[1] for k in metrics if k.startswith("l1/") and k.count("/") == 2
                       and not k.startswith("l1/policy/")})
     for source in sources:
-        row = [cell(f"l1/{source}/{sel}") for sel in ("random", "rerank", "refine", "oracle")]
-        lines.append(f"| {source} | " + " | ".join(row) + f" | {cell(f'delta/{source}/rerank')} |")
+        row = [cell(f"l1/{source}/{sel}") for sel in ("random", "uniform", "rerank", "mean", "refine", "oracle")]
+        lines.append(f"| {source} | " + " | ".join(row) + f" | {cell(f'delta/{source}/rerank')} | "
+                     f"{cell(f'delta/{source}/mean')} |")
     return "\n".join(lines)
 
 

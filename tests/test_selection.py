@@ -5,9 +5,16 @@ import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
 from vla_energy.evaluation.metrics import EvalResult, metrics_by_negative_type, ranking_metrics
-from vla_energy.evaluation.selection import choose, l1_sums, mean_interval, plot_selection, selection_metrics
+from vla_energy.evaluation.selection import (
+    SELECTIONS,
+    choose,
+    l1_sums,
+    mean_interval,
+    plot_selection,
+    selection_metrics,
+)
 from vla_energy.inference.candidates import leave_one_group_out_error, retrieve_nearest
-from vla_energy.inference.rerank import refine_line_search
+from vla_energy.inference.rerank import energy_weighted_mean, refine_line_search
 
 H, DA, D, L = 4, 2, 8, 3
 
@@ -91,9 +98,18 @@ def test_baselines_definitions_on_toy_head():
         # The policy chunk is every source's first candidate: the oracle is never worse than any choice among them.
         assert oracle <= min(cells["random"][0], cells["rerank"][0], policy) + 1e-12, source
         assert oracle <= cells["random"][0] <= cells["worst"][0], source
+        # L1 is convex: the plain mean of the candidates is never worse than a uniformly random one on average.
+        assert {"uniform", "mean"} <= set(cells), source
         for mean, lo, hi in cells.values():
             assert lo <= mean <= hi
     assert metrics["delta/residuals/oracle"] < 0 and metrics["delta/residuals/oracle_hi"] <= 0
+    # A tiny tau makes the weighted mean the rerank choice; a huge one the plain mean.
+    sharp, _ = selection_metrics(head, result, train_chunks, num_samples=6, refine_steps=0, batch_size=16,
+                                 num_resamples=10, sources=["gaussian"], tau=1e-6)
+    flat, _ = selection_metrics(head, result, train_chunks, num_samples=6, refine_steps=0, batch_size=16,
+                                num_resamples=10, sources=["gaussian"], tau=1e6)
+    assert sharp["l1/gaussian/mean"] == pytest.approx(sharp["l1/gaussian/rerank"], rel=1e-4)
+    assert flat["l1/gaussian/mean"] == pytest.approx(flat["l1/gaussian/uniform"], rel=1e-4)
     again, _ = selection_metrics(head, result, train_chunks, num_samples=6, refine_steps=2, batch_size=16,
                                  num_resamples=200)
     assert again == metrics
@@ -112,8 +128,7 @@ def test_choose_and_l1_sums_by_hand(tmp_path):
     mean, lo, hi = mean_interval(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]), 500, 0)
     assert mean == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
     assert mean_interval(torch.full((5,), 2.0), torch.ones(5)) == (2.0, 2.0, 2.0)
-    table = {"policy": {"policy": (1.0, 0.9, 1.1)}, "x": {s: (1.0, 0.9, 1.1) for s in ("random", "rerank", "refine",
-                                                                                        "oracle")}}
+    table = {"policy": {"policy": (1.0, 0.9, 1.1)}, "x": {s: (1.0, 0.9, 1.1) for s in SELECTIONS}}
     assert plot_selection(tmp_path / "s.png", table, "t").stat().st_size > 0
 
 
@@ -173,3 +188,14 @@ def test_recipe_and_cli_evaluation_paths_agree_on_a_real_model(tmp_path):
     assert bool((torch.stack(result.action_mask) == 0).any())  # padded steps past an episode's end are present
     for key in ("top1_acc", "e_pos", "e_neg", "gap", "lookalikes", "argmin_rms", "action_l1", "eval_samples"):
         assert recipe[key] == pytest.approx(cli[key], rel=1e-5, abs=1e-6), key
+
+
+def test_energy_weighted_mean_weights_by_energy():
+    cands = torch.stack([torch.zeros(2, H, DA), torch.ones(2, H, DA)], dim=1)  # [2,2,H,DA]
+    energies = torch.tensor([[0.0, 0.0], [0.0, 0.3 * torch.log(torch.tensor(3.0))]])
+    out = energy_weighted_mean(cands, energies, tau=0.3)
+    assert torch.allclose(out[0], torch.full((H, DA), 0.5)) and torch.allclose(out[1], torch.full((H, DA), 0.25))
+    with pytest.raises(ValueError, match="tau=0"):
+        energy_weighted_mean(cands, energies, 0.0)
+    with pytest.raises(ValueError, match="energies has shape"):
+        energy_weighted_mean(cands, energies[:, :1], 0.3)

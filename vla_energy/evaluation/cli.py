@@ -46,7 +46,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", out_dir: Optional[str 
         false_negative_eps=energy_args.false_negative_eps)
     train_chunks = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
     selection, table = selection_metrics(head, result, train_chunks, num_samples=num_candidates,
-                                         seed=data_cfg.data_seed)
+                                         seed=data_cfg.data_seed, tau=energy_args.tau)
     metrics.update(selection)
     out = Path(out_dir) if out_dir else run_dir / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ from vla_energy.inference.candidates import (
     residual_candidates,
     retrieve_nearest,
 )
-from vla_energy.inference.rerank import propose_candidates, refine_line_search
+from vla_energy.inference.rerank import energy_weighted_mean, propose_candidates, refine_line_search
 
 __all__ = ["SELECTIONS", "SOURCES", "l1_sums", "choose", "mean_interval", "selection_metrics", "plot_selection"]
 
-SELECTIONS = ("random", "rerank", "refine", "oracle")
+SELECTIONS = ("random", "uniform", "rerank", "mean", "refine", "oracle")
 SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval", "multistart")
 
 
@@ -74,6 +74,7 @@ def selection_metrics(
     batch_size: int = 16,
     num_resamples: int = 1000,
     sources: Sequence[str] = SOURCES,
+    tau: float = 0.3,
 ) -> tuple[dict[str, float], dict[str, dict[str, tuple[float, float, float]]]]:
     """L1 (mean, 95% low, high) of the policy, of `refine` from the policy, and per source of each selection.
 
@@ -137,6 +138,8 @@ def selection_metrics(
             rows = torch.arange(len(idx))
             for name, pick in choose(e.float().cpu(), l1, g).items():
                 add(source, name, l1[rows, pick])
+            add(source, "uniform", l1_sums(c.mean(dim=1, keepdim=True), tr, am)[:, 0])
+            add(source, "mean", l1_sums(energy_weighted_mean(c, e.cpu(), tau)[:, None], tr, am)[:, 0])
             best = c[rows, e.argmin(dim=1).cpu()].to(device)
             ref, _ = refine_line_search(head, ctx, best, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
             add(source, "refine", l1_sums(ref[:, None].cpu(), tr, am)[:, 0])

@@ -11,7 +11,10 @@ from torch import Tensor, nn
 
 from vla_energy.checks import check_tensor
 
-__all__ = ["RerankResult", "rerank", "propose_candidates", "refine", "refine_line_search", "PREDICT_MODES"]
+__all__ = [
+    "RerankResult", "rerank", "energy_weighted_mean", "propose_candidates", "refine", "refine_line_search",
+    "PREDICT_MODES",
+]
 
 PREDICT_MODES = ("policy", "rerank", "refine")
 # A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
@@ -55,6 +58,22 @@ def rerank(
     index = energies.argmin(dim=1)
     best = candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
     return RerankResult(best=best, index=index, energies=energies)
+
+
+def energy_weighted_mean(candidates: Tensor, energies: Tensor, tau: float) -> Tensor:
+    """[B,H,Da]: the candidates [B,K,H,Da] averaged with weights softmax(-E / tau) over K.
+
+    The mean action of the head's own distribution p(a) ~ exp(-E(a) / tau) over the candidates (tau: the training
+    temperature). Averaging also cancels the candidates' independent errors (e.g. the noise of retrieved chunks),
+    which choosing one of them cannot.
+    """
+    check_tensor("candidates", candidates, ("B", "K", "H", "Da"))
+    if tuple(energies.shape) != tuple(candidates.shape[:2]):
+        raise ValueError(f"energies has shape {tuple(energies.shape)}, expected {tuple(candidates.shape[:2])}")
+    if tau <= 0:
+        raise ValueError(f"tau={tau}, expected > 0")
+    weights = torch.softmax(-energies.float() / tau, dim=1).to(candidates.dtype)
+    return (weights[..., None, None] * candidates).sum(dim=1)
 
 
 def propose_candidates(
