@@ -247,3 +247,34 @@ def test_missing_extras_name_what_to_install(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "pip install 'vla_energy[plots]'" in run.stdout and "pip install 'vla_energy[tensorboard]'" in run.stdout
+
+
+def test_retrieval_candidates_and_energy_weighted_mean(tmp_path):
+    loaded, backbone, plugin = _model()
+    chunks = torch.rand(40, H, DA, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, retrieval_chunks=chunks)
+    assert json.loads((out / "policy_config.json").read_text())["retrieval_chunks"] == 40
+    policy = EnergyPolicy.from_pretrained(out)
+    assert torch.equal(policy.loaded.retrieval_chunks, chunks)
+    images, texts = _images(2), ["a", "b"]
+    own = torch.from_numpy(policy.predict(images, texts, normalized=True))
+    picked = torch.from_numpy(policy.predict(images, texts, mode="rerank", candidates="retrieval", num_samples=5,
+                                             normalized=True))
+    # A retrieval pick is the policy's own chunk or one of the saved training chunks.
+    for row, own_row in zip(picked, own):
+        assert torch.allclose(row, own_row, atol=1e-5) or bool(((chunks - row).abs().amax(dim=(1, 2)) < 1e-6).any())
+    mean = torch.from_numpy(policy.predict(images, texts, mode="mean", candidates="retrieval", num_samples=5,
+                                           normalized=True))
+    # The weighted mean lies inside the box spanned by the policy's chunk and its 4 nearest training chunks.
+    from vla_energy.inference.candidates import retrieve_nearest
+
+    cands = retrieve_nearest(own, chunks, 5)
+    assert bool((mean >= cands.amin(dim=1) - 1e-5).all() and (mean <= cands.amax(dim=1) + 1e-5).all())
+    step = policy.predict_action_chunk({"observation.images.top": images[0], "task": "a"}, mode="mean",
+                                       candidates="gaussian", normalized=True)
+    assert step.shape == (H, DA) and torch.isfinite(step).all()
+    with pytest.raises(ValueError, match="candidates='nearest'"):
+        policy.predict(images, texts, mode="mean", candidates="nearest")
+    bare = EnergyPolicy.from_pretrained(save_policy(tmp_path / "bare", backbone, plugin, STATS, loaded))
+    with pytest.raises(ValueError, match="needs the training chunks saved with the policy"):
+        bare.predict(images, texts, mode="rerank", candidates="retrieval")

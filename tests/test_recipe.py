@@ -135,6 +135,10 @@ def test_bad_training_options_fail_early():
         parse_config(["--on_nonfinite", "ignore"])
     with pytest.raises(ValueError, match="per_device_train_batch_size=0"):
         parse_config(["--per_device_train_batch_size", "0"])
+    with pytest.raises(ValueError, match="candidate_ranking=1"):
+        parse_config(["--candidate_ranking", "1"])
+    with pytest.raises(ValueError, match="retrieval_chunks=-1"):
+        parse_config(["--retrieval_chunks", "-1"])
 
 
 def test_frozen_backbone_two_processes(tmp_path):

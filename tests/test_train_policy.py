@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,12 @@ def test_no_validation_split_trains_requeues_and_checkpoints_load_as_policies(tm
     images = [np.random.RandomState(i).randint(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
     a = EnergyPolicy.from_pretrained(model).predict(images, ["a", "b"])
     b = EnergyPolicy.from_pretrained(ckpt).predict(images, ["a", "b"])
+    assert np.allclose(a, b, atol=1e-6)
+    # Both carry the training chunks for candidates="retrieval" (fewer rows than the default cap of 16384).
+    chunks = [load_file(str(d / "retrieval_chunks.safetensors"))["chunks"] for d in (model, ckpt)]
+    assert torch.equal(chunks[0], chunks[1]) and 0 < chunks[0].shape[0] < 16384 and chunks[0].abs().max() <= 1
+    a = EnergyPolicy.from_pretrained(model).predict(images, ["a", "b"], mode="mean", candidates="retrieval")
+    b = EnergyPolicy.from_pretrained(ckpt).predict(images, ["a", "b"], mode="mean", candidates="retrieval")
     assert np.allclose(a, b, atol=1e-6)
     # The checkpoint carries the adapter and the heads, not the frozen backbone (tiny llava has no persistent
     # buffers); the base is referred to by name.

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from vla_energy.backbones.readout import backbone_forward
-from vla_energy.inference.rerank import PREDICT_MODES, Bound, propose_candidates, refine, rerank
+from vla_energy.inference.candidates import retrieve_nearest
+from vla_energy.inference.rerank import (
+    CANDIDATE_SOURCES,
+    PREDICT_MODES,
+    Bound,
+    energy_weighted_mean,
+    propose_candidates,
+    refine,
+    rerank,
+)
 from vla_energy.modeling.state_projector import inject_state_embedding
 
 __all__ = ["EnergyPolicy", "candidate_bounds"]
@@ -146,20 +155,31 @@ class EnergyPolicy:
         return self.plugin.read(outputs, batch, state_embedding)
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
-                refine_steps: int, step_size: float, seed: int, states: Optional[Tensor] = None) -> Tensor:
-        """Normalized chunks [B,H,Da] (float32) from the policy, rerank or refine, candidates within bounds."""
+                refine_steps: int, step_size: float, seed: int, states: Optional[Tensor] = None,
+                candidates: str = "gaussian") -> Tensor:
+        """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds."""
         if mode not in PREDICT_MODES:
             raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
+        if candidates not in CANDIDATE_SOURCES:
+            raise ValueError(f"candidates={candidates!r}, expected one of {CANDIDATE_SOURCES}")
+        if mode in ("rerank", "mean") and candidates == "retrieval" and self.loaded.retrieval_chunks is None:
+            raise ValueError("candidates='retrieval' needs the training chunks saved with the policy "
+                             "(retrieval_chunks.safetensors, written by training with --retrieval_chunks > 0)")
         readout = self.encode(images, instructions, states)
         with torch.no_grad():
             policy, layers = self.plugin.predict_actions(readout)
         head, ctx, cmask = self.plugin.energy_head, readout.context, readout.context_mask
         low, high = candidate_bounds(self.loaded.norm_stats)
         chunk = policy
-        if mode == "rerank":
-            g = torch.Generator(device=policy.device).manual_seed(seed)
-            cands, _ = propose_candidates(policy, layers[:-1], num_samples, sigma, low=low, high=high, generator=g)
-            chunk = rerank(head, ctx, cands, context_mask=cmask).best
+        if mode in ("rerank", "mean"):
+            if candidates == "retrieval":
+                cands = retrieve_nearest(policy, self.loaded.retrieval_chunks, num_samples).to(policy.dtype)
+            else:
+                g = torch.Generator(device=policy.device).manual_seed(seed)
+                cands, _ = propose_candidates(policy, layers[:-1], num_samples, sigma, low=low, high=high, generator=g)
+            ranked = rerank(head, ctx, cands, context_mask=cmask)
+            chunk = ranked.best if mode == "rerank" else energy_weighted_mean(cands, ranked.energies,
+                                                                             self.plugin.args.tau)
         elif mode == "refine":
             chunk, _ = refine(head, ctx, policy, refine_steps, step_size, context_mask=cmask, low=low, high=high)
         return chunk.float()
@@ -176,12 +196,14 @@ class EnergyPolicy:
         seed: int = 0,
         normalized: bool = False,
         states: Optional[Any] = None,
+        candidates: str = "gaussian",
     ) -> np.ndarray:
-        """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank or refine; `states`
-        [B, Ds] in raw units (a policy trained with the state needs them)."""
+        """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank, mean or refine;
+        `states` [B, Ds] in raw units (a policy trained with the state needs them); `candidates` of rerank / mean:
+        gaussian (the layers + Gaussian perturbations) or retrieval (the nearest training chunks)."""
         states = self.normalize_state(states) if self.uses_state and states is not None else None
         out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_size, seed,
-                           states).cpu().numpy()
+                           states, candidates).cpu().numpy()
         if normalized or self.loaded.norm_stats is None:
             return out
         return self.loaded.norm_stats.unnormalize(out)
@@ -228,9 +250,10 @@ class EnergyPolicy:
                              **kwargs: Any) -> Tensor:
         """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
         units (normalized=True: as the model predicts them). kwargs: num_samples, sigma, refine_steps, step_size,
-        seed of the rerank / refine modes."""
+        seed, candidates ("gaussian" | "retrieval") of the rerank / mean / refine modes."""
         images, tasks, single = self._parse_observation(observation)
-        opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_size": 0.05, "seed": 0}
+        opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_size": 0.05, "seed": 0,
+                "candidates": "gaussian"}
         unknown = sorted(set(kwargs) - set(opts))
         if unknown:
             raise TypeError(f"predict_action_chunk got unknown options {unknown}, expected some of {sorted(opts)}")

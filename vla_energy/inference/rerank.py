@@ -13,10 +13,13 @@ from vla_energy.checks import check_tensor
 
 __all__ = [
     "RerankResult", "rerank", "energy_weighted_mean", "propose_candidates", "refine", "refine_line_search",
-    "PREDICT_MODES",
+    "PREDICT_MODES", "CANDIDATE_SOURCES",
 ]
 
-PREDICT_MODES = ("policy", "rerank", "refine")
+PREDICT_MODES = ("policy", "rerank", "mean", "refine")
+# Where rerank / mean candidates come from: the policy's layers + Gaussian perturbations, or the training chunks
+# nearest to the policy's chunk (saved with the policy).
+CANDIDATE_SOURCES = ("gaussian", "retrieval")
 # A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
 Bound = Union[float, Tensor, None]
 

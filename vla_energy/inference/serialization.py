@@ -10,6 +10,7 @@ Layout (policy_config.json says which parts are present):
     action_token_embedding.safetensors   the action token's embedding row
     action_head/ energy_head/            heads (save_pretrained)
     state_projector/                     use_state: the state token's projector (save_pretrained)
+    retrieval_chunks.safetensors         normalized training action chunks: candidates="retrieval" at inference
     norm_stats.json  run_config.json  README.md
 """
 
@@ -43,7 +44,7 @@ FORMAT_VERSION = 2
 # What belongs to a policy (a checkpoint directory also holds optimizer, RNG and trainable-state files).
 POLICY_PATTERNS = [POLICY_CONFIG, "processor/*", "merged/*", "adapter/*", "action_head/*",
                    "energy_head/*", "state_projector/*", "action_token_embedding.safetensors", "norm_stats.json", "run_config.json",
-                   "README.md", "metrics.json", "*.png"]
+                   "retrieval_chunks.safetensors", "README.md", "metrics.json", "*.png"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -84,11 +85,13 @@ def write_policy(
     unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     merge_lora: bool = False,
     run_config: Optional[str | Path] = None,
+    retrieval_chunks: Optional[torch.Tensor] = None,
 ) -> Path:
     """Write the policy files into the existing directory `out`.
 
     The base is referred to by name and revision (a tiny test backbone's name resolves to its cached checkpoint);
-    run_config: the run's run_config.json, copied (dataset, cameras, training options).
+    run_config: the run's run_config.json, copied (dataset, cameras, training options); retrieval_chunks [N,H,Da]:
+    normalized training chunks, the candidates of `candidates="retrieval"`.
     """
     out = Path(out)
     base = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
@@ -118,6 +121,10 @@ def write_policy(
         unwrap(plugin.state_projector).save_pretrained(out / "state_projector")
     if norm_stats is not None:
         norm_stats.save(out / "norm_stats.json")
+    if retrieval_chunks is not None:
+        save_file({"chunks": retrieval_chunks.detach().float().cpu().contiguous()},
+                  str(out / "retrieval_chunks.safetensors"))
+        info["retrieval_chunks"] = int(retrieval_chunks.shape[0])
     if run_config is not None and Path(run_config).exists():
         shutil.copyfile(run_config, out / "run_config.json")
     (out / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
@@ -142,14 +149,15 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
 
 
 def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,
-                             loaded: LoadedBackbone, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m
-                             ) -> Callable[[Path], Path]:
+                             loaded: LoadedBackbone, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                             retrieval_chunks: Optional[torch.Tensor] = None) -> Callable[[Path], Path]:
     """save_checkpoint's policy_writer: the policy files into a checkpoint, without a copy of the frozen base (it is
     referred to by name and revision)."""
     run_dir = Path(run_dir)
 
     def write(tmp: Path) -> Path:
-        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, run_config=run_dir / "run_config.json")
+        return write_policy(tmp, backbone, plugin, norm_stats, loaded, unwrap, run_config=run_dir / "run_config.json",
+                            retrieval_chunks=retrieval_chunks)
 
     return write
 
@@ -164,6 +172,7 @@ class LoadedPolicy:
     norm_stats: Optional[Any]
     info: dict[str, Any]
     path: Optional[Path] = None
+    retrieval_chunks: Optional[torch.Tensor] = None  # [N,H,Da] normalized training chunks
 
     def loaded_backbone(self) -> LoadedBackbone:
         """The backbone (without adapter) and its action token, as load_backbone returns them."""
@@ -288,4 +297,7 @@ def load_policy(
         if module is None:
             continue
         module.to(device=device, dtype=torch_dtype).train(trainable)
-    return LoadedPolicy(backbone, processor, plugin, norm_stats, info, path)
+    chunks = None
+    if (path / "retrieval_chunks.safetensors").exists():
+        chunks = load_file(str(path / "retrieval_chunks.safetensors"))["chunks"].to(device)
+    return LoadedPolicy(backbone, processor, plugin, norm_stats, info, path, chunks)

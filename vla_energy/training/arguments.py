@@ -150,6 +150,15 @@ class EnergyArguments:
         default=0, metadata={"help": "Seed of the noise/shuffle negatives (mixed with the process index and step)."}
     )
 
+    def __post_init__(self) -> None:
+        if self.candidate_ranking < 0 or self.candidate_ranking == 1:
+            raise ValueError(f"candidate_ranking={self.candidate_ranking}, expected 0 (off) or >= 2 candidates")
+        if self.grad_align_weight < 0 or self.candidate_ranking_weight < 0:
+            raise ValueError(f"grad_align_weight={self.grad_align_weight} and candidate_ranking_weight="
+                             f"{self.candidate_ranking_weight}: expected >= 0")
+        if self.ranking_target_temperature <= 0:
+            raise ValueError(f"ranking_target_temperature={self.ranking_target_temperature}, expected > 0")
+
 
 @dataclass
 class TrainArguments:
@@ -193,6 +202,10 @@ class TrainArguments:
     save_total_limit: Optional[int] = field(
         default=None, metadata={"help": "Keep at most this many checkpoints, deleting the oldest (None: keep all)."}
     )
+    retrieval_chunks: int = field(
+        default=16384, metadata={"help": "Normalized training action chunks saved with the policy (evenly spread over "
+                                         "the training split), the candidates of candidates='retrieval' (0: none)."}
+    )
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "Checkpoint directory to resume from, or 'latest' (the newest complete one)."}
     )
@@ -234,6 +247,8 @@ class TrainArguments:
             raise ValueError(f"eval_strategy={self.eval_strategy!r}, expected one of {EVAL_STRATEGIES}")
         if self.stop_after_steps < 0:
             raise ValueError(f"stop_after_steps={self.stop_after_steps}, expected >= 0")
+        if self.retrieval_chunks < 0:
+            raise ValueError(f"retrieval_chunks={self.retrieval_chunks}, expected >= 0 (0: none)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit}, expected >= 1 or None")
 

@@ -14,7 +14,7 @@ import gc
 import math
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with accelerator.main_process_first():
         train_ds, val_ds, norm_stats = build_datasets(data_args, progress=main_proc and not train.disable_tqdm)
     action_dim = len(train_ds[0]["actions"][0])
+    retrieval = training_chunks(train_ds, train.retrieval_chunks)
     state_dim = state_dim_of(train_ds) if data_args.use_state else None
 
     def build_model() -> tuple[EnergyVLAModel, LoadedBackbone]:
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 # Every checkpoint is also a policy (EnergyPolicy.from_pretrained(<checkpoint>)); with sharded weights
                 # only the final model/ is (no rank holds the full weights at a checkpoint).
                 writer = None if weights_sharded(accelerator) else checkpoint_policy_writer(
-                    run_dir, net.backbone, plugin, norm_stats, loaded, unwrap=accelerator.unwrap_model)
+                    run_dir, net.backbone, plugin, norm_stats, loaded, unwrap=accelerator.unwrap_model,
+                    retrieval_chunks=retrieval)
                 save_checkpoint(accelerator, run_dir / "checkpoints" / f"step_{state.step:07d}", state.step,
                                 extra_states, policy_writer=writer)
                 if main_proc:
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     saved = policy_module(accelerator, model, build_model)  # every rank takes part when weights are sharded
     if main_proc:
         # Saved before the final evaluation: an evaluation error does not lose the trained policy.
-        save_policy(run_dir / "model", saved.backbone, saved.plugin, norm_stats, loaded, run_config=run_dir / RUN_CONFIG)
+        save_policy(run_dir / "model", saved.backbone, saved.plugin, norm_stats, loaded, run_config=run_dir / RUN_CONFIG,
+                    retrieval_chunks=retrieval)
     final: dict[str, float] = {}
     tally = None
     if evaluating:
@@ -314,6 +317,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def training_chunks(train_ds, count: int) -> Optional[torch.Tensor]:
+    """Up to `count` normalized action chunks [N,H,Da] evenly spread over the training split (None for 0)."""
+    if count <= 0:
+        return None
+    from vla_energy.evaluation.metrics import spread_indices
+
+    rows = train_ds.select(spread_indices(len(train_ds), count)).select_columns(["actions"]).with_format("torch")
+    return rows[:]["actions"].float()
 
 
 def state_dim_of(train_ds) -> int:
