@@ -7,6 +7,7 @@ policy alike, so that training and closed loop see the same keys and the same pi
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,11 @@ _MISSING = ("Meta-World is not installed: pip install 'vla_energy[sim]' (metawor
 
 
 def require_metaworld() -> Any:
-    """The metaworld module, or an ImportError naming the extra and the rendering backend."""
-    os.environ.setdefault("MUJOCO_GL", "osmesa")
-    if os.environ["MUJOCO_GL"] == "osmesa":
+    """The metaworld module, or an ImportError naming the extra and the rendering backend. On Linux without a
+    display MUJOCO_GL defaults to osmesa (MuJoCo's own default, glfw, needs a window system)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("MUJOCO_GL", "osmesa")
+    if os.environ.get("MUJOCO_GL") == "osmesa":
         os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")  # PyOpenGL must agree with MuJoCo's GL backend
     try:
         import metaworld
