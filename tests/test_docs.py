@@ -173,6 +173,19 @@ def check_evaluate(argv: list[str], where: str, monkeypatch: pytest.MonkeyPatch)
     assert seen, f"{where}: vla-energy evaluate {' '.join(argv)} did not reach the evaluation"
 
 
+SIM_COMMANDS = {"sim-demos": "vla_energy.sim.demos", "rollout": "vla_energy.sim.rollout"}
+
+
+def check_sim(module: str, argv: list[str], where: str) -> None:
+    """`vla-energy sim-demos` / `rollout` options through their argparse parsers (needs no simulator)."""
+    import importlib
+
+    try:
+        importlib.import_module(module).build_parser().parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{where}: {module} {' '.join(argv)} does not parse (exit {e.code})")
+
+
 def check_target(target: str, argv: list[str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A script or module with its options: the training recipe, the evaluation, or a script with known flags."""
     if target in ("vla_energy.training.train", "recipes/train_energy.py"):
@@ -181,6 +194,8 @@ def check_target(target: str, argv: list[str], where: str, monkeypatch: pytest.M
         check_evaluate(argv, where, monkeypatch)
     elif target == "recipes/trainer_example.py":
         assert not argv, f"{where}: recipes/trainer_example.py takes no options, got {argv}"
+    elif target in SIM_COMMANDS.values():
+        check_sim(target, argv, where)
     elif target == "vla_energy.training.arguments":
         assert not argv, f"{where}: python -m vla_energy.training.arguments takes no options"
     elif target == "pytest":
@@ -234,6 +249,8 @@ def check_command(tokens: list[str], where: str, monkeypatch: pytest.MonkeyPatch
         parse_config(rest)
     elif cmd == "vla-energy" and args[:1] == ["evaluate"]:
         check_evaluate(args[1:], where, monkeypatch)
+    elif cmd == "vla-energy" and args[:1] and args[0] in SIM_COMMANDS:
+        check_sim(SIM_COMMANDS[args[0]], args[1:], where)
     elif cmd in ("python", "python3"):
         if args[:1] == ["-m"]:
             check_target(args[1], args[2:], where, monkeypatch)

@@ -1,4 +1,5 @@
-"""The `vla-energy` command: `train` (the training recipe) and `evaluate` (a trained run on a dataset split)."""
+"""The `vla-energy` command: `train` (the training recipe), `evaluate` (a trained run on a dataset split), and with
+the `sim` extra `sim-demos` (Meta-World expert demonstrations) and `rollout` (closed-loop success rates)."""
 
 from __future__ import annotations
 
@@ -113,11 +114,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return train_command(argv[1:])
+    if argv[:1] == ["sim-demos"]:
+        from vla_energy.sim import demos
+
+        return demos.main(argv[1:], prog="vla-energy sim-demos")
+    if argv[:1] == ["rollout"]:
+        from vla_energy.sim import rollout
+
+        return rollout.main(argv[1:], prog="vla-energy rollout")
     parser = argparse.ArgumentParser(prog="vla-energy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", add_help=False,
                    help="train (options: vla-energy train --help; --num_processes N or --accelerate_config FILE "
                         "launch several processes)")
+    sub.add_parser("sim-demos", add_help=False,
+                   help="write Meta-World scripted-expert demonstrations as a LeRobot v3.0 dataset (vla_energy[sim]; "
+                        "options: vla-energy sim-demos --help)")
+    sub.add_parser("rollout", add_help=False,
+                   help="closed-loop success rates of a trained policy in Meta-World (vla_energy[sim]; options: "
+                        "vla-energy rollout --help)")
     ev = sub.add_parser("evaluate", help="evaluate a run directory written by the training recipe")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="val", choices=["train", "val"])
