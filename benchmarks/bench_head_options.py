@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -97,6 +98,24 @@ def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: 
             "loss_last": info["loss_last"], "train_s": info["train_s"], **selection}
 
 
+def synthetic_noise_floor(run_dir: Path) -> float | None:
+    """The L1 (normalized units) of the expert's mean action on the built-in synthetic task: its actions carry
+    N(0, NOISE^2) on dx and dy that no model can predict, so no selection can average below this (None for other
+    datasets or normalizations)."""
+    from vla_energy.data import NormStats
+    from vla_energy.data.synthetic import NOISE
+    from vla_energy.training.arguments import load_run_config
+
+    data_cfg = load_run_config(run_dir)[1]
+    stats = NormStats.load(run_dir / "model" / "norm_stats.json")
+    if data_cfg.dataset != "synthetic" or stats.mode != "q01_q99":
+        return None
+    half_range = [(hi - lo) / 2 for lo, hi in zip(stats.q01, stats.q99)]
+    # E|N(0, s^2)| = s * sqrt(2 / pi) on the two moving dims; the grip dim is noise-free.
+    per_dim = [NOISE / h * (2 / math.pi) ** 0.5 if i < 2 and h > 0 else 0.0 for i, h in enumerate(half_range)]
+    return sum(per_dim) / len(per_dim)
+
+
 def relative(runs: list[dict], key: str) -> str:
     """Mean over seeds of key / policy L1 - 1 in percent, [min, max] over seeds."""
     vals = [100 * (r[key] / r["l1/policy"] - 1) for r in runs]
@@ -158,6 +177,11 @@ def main() -> None:
                 f"{s} rerank {r[f'l1/{s}/rerank']:.4f} mean {r[f'l1/{s}/mean']:.4f}" for s in args.sources)
                 + f" (trained in {r['train_s']:.0f} s)", flush=True)
     table = summarize({k: v for k, v in results.items() if k in args.variants}, list(args.sources))
+    floor = synthetic_noise_floor(run_dir)
+    if floor is not None:
+        policy_l1 = next(iter(results.values()))[0]["l1/policy"]
+        table += (f"\n\npolicy L1 {policy_l1:.4f}; noise floor of the synthetic task (the expert's mean action) "
+                  f"{floor:.4f} ({100 * (floor / policy_l1 - 1):+.1f}% vs the policy)")
     (out / f"table_k{args.num_candidates}.md").write_text(table + "\n")
     print(table)
 

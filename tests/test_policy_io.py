@@ -278,3 +278,24 @@ def test_retrieval_candidates_and_energy_weighted_mean(tmp_path):
     bare = EnergyPolicy.from_pretrained(save_policy(tmp_path / "bare", backbone, plugin, STATS, loaded))
     with pytest.raises(ValueError, match="needs the training chunks saved with the policy"):
         bare.predict(images, texts, mode="rerank", candidates="retrieval")
+
+
+def test_add_retrieval_chunks_to_a_policy_saved_without_them(tmp_path, monkeypatch):
+    from vla_energy.data.arguments import DataConfig
+    from vla_energy.inference.serialization import add_retrieval_chunks
+
+    loaded, backbone, plugin = _model()
+    cfg = DataConfig(dataset="synthetic", num_episodes=6, horizon=H, min_episode_length=4, max_episode_length=6,
+                     val_fraction=0.34)
+    run_config = tmp_path / "run_config.json"
+    run_config.write_text(json.dumps({cls: {} for cls in ("ModelArguments", "LoraArguments", "EnergyArguments",
+                                                          "TrainArguments")} | {"DataConfig": dataclasses.asdict(cfg)}))
+    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, run_config=run_config)
+    assert EnergyPolicy.from_pretrained(out).loaded.retrieval_chunks is None
+    monkeypatch.chdir(tmp_path)  # a relative synthetic cache is written here
+    count = add_retrieval_chunks(out, count=7, progress=False)
+    policy = EnergyPolicy.from_pretrained(out)
+    assert count == 7 and policy.loaded.retrieval_chunks.shape == (7, H, DA)
+    assert json.loads((out / "policy_config.json").read_text())["retrieval_chunks"] == 7
+    with pytest.raises(ValueError, match="count=0"):
+        add_retrieval_chunks(out, count=0)

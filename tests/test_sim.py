@@ -155,7 +155,8 @@ class _FakePolicy:
     def reset(self) -> None:
         self.resets += 1
 
-    def select_action(self, observation, mode: str, seed: int):
+    def select_action(self, observation, mode: str, seed: int, candidates: str = "gaussian"):
+        assert candidates in ("gaussian", "retrieval")
         assert set(observation) == {"observation.images.corner", "observation.state", "task"}
         batch = len(observation["task"])
         assert observation["observation.images.corner"].shape == (batch, 8, 8, 3)
@@ -250,3 +251,7 @@ def test_demos_train_and_rollout_in_every_mode(tmp_path: Path) -> None:
             gif = out / "gifs" / f"{task}_{mode}.gif"
             assert gif.read_bytes()[:6] == b"GIF89a" and f"gifs/{task}_{mode}.gif" in report
     assert "| overall |" in report
+    # rerank and mean can take the training chunks the policy carries as candidates.
+    nearest = rollout(run, tmp_path / "nearest", episodes=1, max_steps=2, modes=["policy", "mean"], progress=False,
+                      candidates="retrieval")
+    assert nearest["retrieval_candidates"] == 1.0 and 0.0 <= nearest["success/mean/overall"] <= 1.0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import datasets
 import numpy as np
+import torch
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 
 from vla_energy.data.arguments import DataConfig
@@ -17,7 +19,7 @@ from vla_energy.data.loading import load_frames
 from vla_energy.data.normalization import NormStats, compute_norm_stats
 from vla_energy.data.split import split_rows
 
-__all__ = ["build_datasets"]
+__all__ = ["build_datasets", "training_chunks"]
 
 
 @contextmanager
@@ -65,3 +67,14 @@ def build_datasets(cfg: DataConfig, progress: bool = True) -> tuple[Dataset, Dat
         cameras = camera_columns(chunked)
         return (with_cameras(chunked.select(train_rows), cfg.camera_layout, cameras),
                 with_cameras(chunked.select(val_rows), cfg.camera_layout, cameras), stats)
+
+
+def training_chunks(train_ds: Dataset, count: int) -> Optional[torch.Tensor]:
+    """Up to `count` normalized action chunks [N,H,Da] evenly spread over a split (None for 0): what a policy keeps
+    for candidates="retrieval"."""
+    if count <= 0:
+        return None
+    from vla_energy.evaluation.metrics import spread_indices
+
+    rows = train_ds.select(spread_indices(len(train_ds), count)).select_columns(["actions"]).with_format("torch")
+    return rows[:]["actions"].float()

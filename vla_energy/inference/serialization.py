@@ -36,7 +36,7 @@ from vla_energy.modeling.modeling_energy_head import EnergyHead
 from vla_energy.modeling.state_projector import StateProjector
 from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
-__all__ = ["save_policy", "write_policy", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
+__all__ = ["save_policy", "write_policy", "add_retrieval_chunks", "checkpoint_policy_writer", "load_policy", "resolve_policy_dir", "LoadedPolicy",
            "POLICY_CONFIG", "POLICY_PATTERNS", "DTYPES"]
 
 POLICY_CONFIG = "policy_config.json"
@@ -146,6 +146,27 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def add_retrieval_chunks(path: str | Path, count: int = 16384, progress: bool = True) -> int:
+    """Write retrieval_chunks.safetensors into a saved policy (run directory, model/ or checkpoint) from the training
+    split of its run_config.json, as training does now; for policies saved without them. Returns the chunk count.
+    A relative dataset path in the run's config is read from the current directory."""
+    from vla_energy.data import build_datasets
+    from vla_energy.data.pipeline import training_chunks
+    from vla_energy.training.arguments import load_run_config
+
+    if count < 1:
+        raise ValueError(f"count={count}, expected >= 1")
+    policy_dir = resolve_policy_dir(path)
+    data_cfg = load_run_config(policy_dir)[1]
+    train_ds, _, _ = build_datasets(data_cfg, progress=progress)
+    chunks = training_chunks(train_ds, count)
+    save_file({"chunks": chunks.contiguous()}, str(policy_dir / "retrieval_chunks.safetensors"))
+    info = json.loads((policy_dir / POLICY_CONFIG).read_text())
+    info["retrieval_chunks"] = int(chunks.shape[0])
+    (policy_dir / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
+    return int(chunks.shape[0])
 
 
 def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,

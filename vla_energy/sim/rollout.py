@@ -25,7 +25,7 @@ from vla_energy.sim.stats import paired_bootstrap_interval, wilson_interval
 
 __all__ = ["MODES", "sim_settings", "run_episodes", "success_metrics", "rollout", "build_parser", "main"]
 
-MODES = ("policy", "rerank", "refine")
+MODES = ("policy", "rerank", "mean", "refine")
 
 
 def sim_settings(run_config: Optional[dict], tasks: Optional[Sequence[str]] = None, camera: Optional[str] = None,
@@ -49,7 +49,8 @@ def sim_settings(run_config: Optional[dict], tasks: Optional[Sequence[str]] = No
 
 
 def run_episodes(envs: Sequence[Any], policy: Any, instruction: str, camera: str, seeds: Sequence[int], mode: str,
-                 max_steps: int, record: bool = False) -> tuple[list[tuple[bool, int]], list[np.ndarray]]:
+                 max_steps: int, record: bool = False, candidates: str = "gaussian"
+                 ) -> tuple[list[tuple[bool, int]], list[np.ndarray]]:
     """[(success, steps taken)] of one episode per (env, seed), run in lockstep with one batched policy call per
     step, and the frames of the first episode if record. An episode ends at its first success; a finished one is
     no longer stepped (its last observation stays in the batch)."""
@@ -65,7 +66,7 @@ def run_episodes(envs: Sequence[Any], policy: Any, instruction: str, camera: str
     for step in range(max_steps):
         observation = observation_dict(np.stack(states), np.stack(images), [instruction] * len(envs), camera)
         # One seed per batch and step keeps the rerank candidates reproducible and the same across modes.
-        actions = policy.select_action(observation, mode=mode, seed=seeds[0] + step)
+        actions = policy.select_action(observation, mode=mode, seed=seeds[0] + step, candidates=candidates)
         actions = np.clip(np.asarray(actions.detach().cpu() if hasattr(actions, "detach") else actions, np.float32),
                           -1, 1)
         for i, env in enumerate(envs):
@@ -141,10 +142,11 @@ def _report(path: Path, run_dir: Path, settings: dict, metrics: dict, modes: Seq
 def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Optional[Sequence[str]] = None,
             episodes: int = 10, modes: Sequence[str] = MODES, seed: int = 1000, max_steps: int = 150,
             n_action_steps: Optional[int] = None, camera: Optional[str] = None, image_size: Optional[int] = None,
-            device: str = "cpu", progress: bool = True, batch_size: int = 10) -> dict[str, float]:
+            device: str = "cpu", progress: bool = True, batch_size: int = 10,
+            candidates: str = "gaussian") -> dict[str, float]:
     """Run `episodes` seeded episodes (seeds seed..seed+episodes-1) of each task in each mode, `batch_size` of them
     in lockstep (one batched policy call); write the report to out_dir (default run_dir/rollout) and return the
-    metrics."""
+    metrics. `candidates`: where rerank / mean take their candidates (gaussian | retrieval)."""
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.sim.metaworld_env import MAX_PATH_LENGTH, make_env, require_metaworld
 
@@ -175,7 +177,7 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
             for first in range(0, episodes, len(envs)):
                 batch = seeds[first:first + len(envs)]
                 results, frames = run_episodes(envs[:len(batch)], policy, instruction, settings["camera"], batch, mode,
-                                               max_steps, record=first == 0)
+                                               max_steps, record=first == 0, candidates=candidates)
                 records += [{"task": task, "mode": mode, "seed": s, "success": ok, "steps": n}
                             for s, (ok, n) in zip(batch, results)]
                 if frames:
@@ -190,6 +192,7 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     metrics = success_metrics(records, modes, list(settings["tasks"]))
     metrics.update({f"seconds/{m}": s for m, s in seconds.items()})
     metrics["episodes_per_task"] = float(episodes)
+    metrics["retrieval_candidates"] = float(candidates == "retrieval")
     from vla_energy.evaluation.report import write_metrics
 
     write_metrics(out / "metrics.json", metrics)
@@ -206,7 +209,10 @@ def build_parser(prog: str = "python -m vla_energy.sim.rollout") -> argparse.Arg
     p.add_argument("--out_dir", default=None, help="default: <run_dir>/rollout")
     p.add_argument("--tasks", default=None, help="comma-separated; default: the tasks of the run's dataset")
     p.add_argument("--episodes", type=int, default=10, help="seeded episodes per task and mode")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, of policy, rerank, refine")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, of " + ", ".join(MODES))
+    p.add_argument("--candidates", default="gaussian", choices=["gaussian", "retrieval"],
+                   help="candidates of rerank and mean: the policy's layers + Gaussian perturbations, or the training "
+                        "chunks nearest to the policy's (saved with the policy)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first episode (past the demonstrations')")
     p.add_argument("--max_steps", type=int, default=150, help="steps per episode at most")
     p.add_argument("--n_action_steps", type=int, default=None, help="actions run from each chunk (default: horizon)")
@@ -226,7 +232,7 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
     metrics = rollout(args.run_dir, args.out_dir, _names(args.tasks) if args.tasks else None, args.episodes,
                       _names(args.modes), args.seed, args.max_steps, args.n_action_steps, args.camera, args.image_size,
-                      args.device, not args.disable_tqdm, args.batch_size)
+                      args.device, not args.disable_tqdm, args.batch_size, args.candidates)
     for key, value in metrics.items():
         if "/low" not in key and "/high" not in key:
             print(f"{key:48s} {value:.4f}")

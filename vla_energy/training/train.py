@@ -14,7 +14,7 @@ import gc
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -29,6 +29,7 @@ from vla_energy.backbones.param_groups import param_groups
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data import VLACollator, build_datasets
 from vla_energy.data.normalization import NormStats
+from vla_energy.data.pipeline import training_chunks
 from vla_energy.evaluation.metrics import spread_indices
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.evaluation.report import (
@@ -317,16 +318,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def training_chunks(train_ds, count: int) -> Optional[torch.Tensor]:
-    """Up to `count` normalized action chunks [N,H,Da] evenly spread over the training split (None for 0)."""
-    if count <= 0:
-        return None
-    from vla_energy.evaluation.metrics import spread_indices
-
-    rows = train_ds.select(spread_indices(len(train_ds), count)).select_columns(["actions"]).with_format("torch")
-    return rows[:]["actions"].float()
 
 
 def state_dim_of(train_ds) -> int:
