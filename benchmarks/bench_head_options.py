@@ -39,24 +39,12 @@ SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval")
 
 def collect(run_dir: Path, max_train: int, max_val: int, progress: bool) -> dict:
     """The policy's outputs on both splits (contexts, truth, masks, policy and layer chunks, episodes)."""
-    from torch.utils.data import DataLoader
-
-    from vla_energy.data import VLACollator, build_datasets
-    from vla_energy.evaluation.metrics import collect_eval_outputs, spread_indices
     from vla_energy.inference.serialization import load_policy
     from vla_energy.training.arguments import load_run_config
+    from vla_energy.training.head_only import collect_run_outputs
 
-    model_cfg, data_cfg, _, _, _ = load_run_config(run_dir)
-    policy = load_policy(run_dir)
-    train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
-    collator = VLACollator(policy.processor, horizon=data_cfg.horizon, action_token=policy.info["action_token"],
-                           state_token=policy.info.get("state_token"), processor_kwargs=model_cfg.processor_kwargs)
-    out = {}
-    for name, ds, count in (("train", train_ds, max_train), ("val", val_ds, max_val)):
-        loader = DataLoader(ds.select(spread_indices(len(ds), count)), batch_size=64, collate_fn=collator)
-        out[name] = collect_eval_outputs(policy.backbone, policy.plugin, loader, progress=progress)
-    out["train_chunks"] = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
-    return out
+    return collect_run_outputs(load_policy(run_dir), load_run_config(run_dir), {"train": max_train, "val": max_val},
+                               progress=progress)
 
 
 def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: argparse.Namespace) -> dict:

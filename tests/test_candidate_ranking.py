@@ -154,3 +154,32 @@ def test_head_only_training_learns_and_is_seeded():
     assert acc > max(acc_first, 0.3)
     with pytest.raises(ValueError, match="at least 2 samples"):
         train_energy_head(EnergyPlugin(EnergyArguments(), H * DA, DA, H, 0), _cached_outputs(1), 5)
+
+
+def test_train_head_command_replaces_a_saved_policy_head(tmp_path):
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from vla_energy.evaluation.cli import main
+    from vla_energy.inference.policy import EnergyPolicy
+    from vla_energy.training.train import main as train_main
+
+    train_main(["--backbone", "tiny-llava", "--dataset", "synthetic", "--num_episodes", "12", "--horizon", "4",
+                "--per_device_train_batch_size", "4", "--max_steps", "2", "--eval_strategy", "no", "--lora_r", "4",
+                "--energy_hidden_dim", "16", "--action_head_dim", "16", "--report_to", "none", "--disable_tqdm",
+                "--output_dir", str(tmp_path), "--run_name", "run", "--cache_dir", str(tmp_path / "cache")])
+    model = tmp_path / "run" / "model"
+    before = load_file(str(model / "energy_head" / "model.safetensors"))
+    assert main(["train-head", str(tmp_path / "run"), "--max_steps", "3", "--batch_size", "4", "--max_samples", "16",
+                 "--candidate_ranking", "3", "--disable_tqdm"]) == 0
+    after = load_file(str(model / "energy_head" / "model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    info = json.loads((model / "policy_config.json").read_text())
+    assert info["energy_head_retrained"]["max_steps"] == 3 and info["energy_head_retrained"]["samples"] == 16
+    assert info["plugin"]["args"]["candidate_ranking"] == 3
+    policy = EnergyPolicy.from_pretrained(tmp_path / "run")
+    image = np.zeros((32, 32, 3), np.uint8)
+    chunk = policy.predict([image], ["go"], mode="mean", candidates="retrieval", num_samples=4)
+    assert chunk.shape == (1, 4, 3) and np.isfinite(chunk).all()

@@ -113,9 +113,12 @@ def test_every_config_parses(path):
     assert train.per_device_train_batch_size >= 1 and data.horizon >= 1
 
 
-def test_cli_overrides_yaml_and_unknown_keys_fail(tmp_path):
+def test_cli_overrides_yaml_and_unknown_keys_fail(tmp_path, monkeypatch):
     *_, train = parse_config(["--config", "demo", "--max_steps", "7"])
     assert train.max_steps == 7
+    (tmp_path / "demo").mkdir()  # a directory named like the shipped config (e.g. a run's) does not shadow it
+    monkeypatch.chdir(tmp_path)
+    assert parse_config(["--config", "demo"])[-1].max_steps == 900
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 3\n")
     with pytest.raises(ValueError, match=r"unknown options \['max_step'\]"):

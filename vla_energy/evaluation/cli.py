@@ -142,7 +142,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
     ev.add_argument("--num_candidates", type=int, default=16, help="candidates per source (the policy's included)")
+    th = sub.add_parser("train-head", help="train a fresh energy head on a saved policy's own contexts and write it "
+                                           "into the policy (docs/selection.md)")
+    th.add_argument("run_dir", help="a run directory, its model/, or a checkpoint directory")
+    th.add_argument("--max_steps", type=int, default=400)
+    th.add_argument("--batch_size", type=int, default=32)
+    th.add_argument("--learning_rate", type=float, default=1e-3)
+    th.add_argument("--max_samples", type=int, default=4096, help="training samples whose contexts are collected")
+    th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--candidate_ranking", type=int, default=None, help="candidates of the ranking loss (default: "
+                                                                        "the run's)")
+    th.add_argument("--device", default="cpu")
+    th.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.command == "train-head":
+        from vla_energy.training.head_only import retrain_energy_head
+
+        overrides = {} if args.candidate_ranking is None else {"candidate_ranking": args.candidate_ranking}
+        out = retrain_energy_head(args.run_dir, args.max_steps, args.batch_size, args.learning_rate, args.max_samples,
+                                  args.seed, overrides, args.device, not args.disable_tqdm)
+        print(f"wrote a new energy head into {out}")
+        return 0
     metrics = evaluate_run(args.run_dir, args.split, args.out_dir, args.max_samples, args.device,
                            not args.disable_tqdm, args.trust_remote_code, args.num_candidates)
     for key, value in metrics.items():

@@ -315,7 +315,7 @@ def shipped_configs() -> list[str]:
 def resolve_config(name_or_path: str) -> Path:
     """A YAML path as given, or a shipped config by name (`demo` -> vla_energy/training/configs/demo.yaml)."""
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():  # a directory named like a shipped config (e.g. runs' `demo`) is not a config
         return path
     shipped = CONFIGS_DIR / f"{name_or_path}.yaml"
     if path.suffix not in (".yaml", ".yml") and shipped.exists():

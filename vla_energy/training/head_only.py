@@ -7,7 +7,10 @@ policy: the benchmarks of docs/selection.md do this. The loss is the plugin's ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +21,7 @@ from vla_energy.evaluation.metrics import EvalResult, _pad_contexts
 from vla_energy.modeling.process_group import ProcessGroup
 from vla_energy.training.plugin import EnergyPlugin
 
-__all__ = ["HeadOnlyResult", "train_energy_head"]
+__all__ = ["HeadOnlyResult", "train_energy_head", "collect_run_outputs", "retrain_energy_head"]
 
 
 @dataclass
@@ -94,3 +97,70 @@ def train_energy_head(
     for m in modules:
         m.eval()
     return HeadOnlyResult(losses)
+
+
+def collect_run_outputs(loaded: Any, run_config: tuple, splits: dict[str, int], device: str = "cpu",
+                        progress: bool = True) -> dict[str, Any]:
+    """A loaded policy's outputs (EvalResult) on up to N evenly spread samples of each split {"train": N, "val": M}
+    of its run's dataset, and "train_chunks": every training chunk [N,H,Da]."""
+    from torch.utils.data import DataLoader
+
+    from vla_energy.data import VLACollator, build_datasets
+    from vla_energy.evaluation.metrics import collect_eval_outputs, spread_indices
+
+    model_cfg, data_cfg = run_config[0], run_config[1]
+    train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
+    collator = VLACollator(loaded.processor, horizon=data_cfg.horizon, action_token=loaded.info["action_token"],
+                           state_token=loaded.info.get("state_token"), processor_kwargs=model_cfg.processor_kwargs)
+    out: dict[str, Any] = {}
+    for name, count in splits.items():
+        ds = {"train": train_ds, "val": val_ds}[name]
+        loader = DataLoader(ds.select(spread_indices(len(ds), count)), batch_size=64, collate_fn=collator)
+        batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+        out[name] = collect_eval_outputs(loaded.backbone, loaded.plugin, batches, progress=progress)
+    out["train_chunks"] = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
+    return out
+
+
+def retrain_energy_head(
+    path: str | Path,
+    max_steps: int = 400,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    max_samples: int = 4096,
+    seed: int = 0,
+    overrides: Optional[dict[str, Any]] = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Train a fresh energy head on a saved policy's own contexts (its run's training split, up to max_samples
+    evenly spread) and write it into the policy in place of the old one (`vla-energy train-head`).
+
+    `overrides`: EnergyArguments changes for this head (e.g. {"candidate_ranking": 16}); the head's size follows
+    the run's options. Returns the policy directory.
+    """
+    from vla_energy.inference.serialization import POLICY_CONFIG, load_policy, resolve_policy_dir
+    from vla_energy.training.arguments import load_run_config
+    from vla_energy.training.plugin import EnergyPlugin
+
+    policy_dir = resolve_policy_dir(path)
+    if max_samples < 2:
+        raise ValueError(f"max_samples={max_samples}, expected >= 2")
+    run_config = load_run_config(policy_dir)
+    loaded = load_policy(policy_dir, device=device)
+    outputs = collect_run_outputs(loaded, run_config, {"train": max_samples}, device, progress)
+    train = outputs["train"]
+    args = replace(loaded.plugin.args, **(overrides or {}))
+    torch.manual_seed(seed)
+    plugin = EnergyPlugin(args, train.contexts[0].shape[-1], train.actions[0].shape[-1], train.actions[0].shape[0],
+                          action_token_id=loaded.plugin.action_token_id)
+    result = train_energy_head(plugin, train, max_steps, batch_size, learning_rate, seed=seed, device=device,
+                               progress=progress)
+    plugin.energy_head.to(torch.float32).save_pretrained(policy_dir / "energy_head")
+    info = json.loads((policy_dir / POLICY_CONFIG).read_text())
+    info["plugin"]["args"] = {**info["plugin"]["args"], **(overrides or {})}
+    info["energy_head_retrained"] = {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                                     "samples": len(train.actions), "seed": seed, "loss_first": result.first,
+                                     "loss_last": result.last}
+    (policy_dir / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
+    return policy_dir
