@@ -1,7 +1,8 @@
 """How many negatives pay: energy-head learning and cost against the action bank's size, on one fixed policy.
 
-    python benchmarks/bench_bank_size.py --outputs runs/bench_head_options/outputs.pt --out runs/bench_bank_size
-    python benchmarks/bench_bank_size.py --bank_sizes 0 64 256 --seeds 0 1 --steps 300 --batch_size 8
+    python benchmarks/bench_bank_size.py --outputs runs/bench_head_options/outputs.pt --out runs/bench_bank_size \
+        --bank_sizes 0 16 64 256 1024 --train_bank_sizes 0 16 64 256 --seeds 0 1 2 3
+    python benchmarks/bench_bank_size.py --bank_sizes 0 64 --seeds 0 --steps 100 --timing_repeats 0   # a quick look
 
 Head-only training (vla_energy.training.head_only) on the cached outputs of a finished policy (contexts, truth,
 layer-wise predictions; written by benchmarks/bench_head_options.py, or collected here from --run_dir when
@@ -41,7 +42,8 @@ def make_plugin(energy_args, outputs: dict, bank_size: int, strategy: str):
 
 
 def time_forward_backward(energy_args, outputs: dict, bank_sizes: list[int], args: argparse.Namespace) -> dict:
-    """Median seconds of one loss forward + backward per K, with the bank full; the K interleaved per repeat."""
+    """Median seconds (wall and process CPU) of one loss forward + backward per K, with the bank full; the K
+    interleaved per repeat. On a shared machine the CPU time is the steadier measure (one thread)."""
     from vla_energy.modeling.process_group import ProcessGroup
     from vla_energy.training.head_only import _batch
 
@@ -62,21 +64,23 @@ def time_forward_backward(energy_args, outputs: dict, bank_sizes: list[int], arg
             plugin.bank.commit()
         plugins[k] = plugin
     times: dict[int, list[float]] = {k: [] for k in bank_sizes}
+    cpu: dict[int, list[float]] = {k: [] for k in bank_sizes}
     for rep in range(args.timing_repeats + 1):  # the first round warms up
         for k, plugin in plugins.items():
             readout, targets, layers = batch
             head = plugin.energy_head
             head.zero_grad(set_to_none=True)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss, _ = plugin.energy_loss(readout, targets["actions"], targets["action_mask"], targets["sample_id"],
                                          layers, group)
             loss.backward()
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             if plugin.bank is not None:
                 plugin.bank.discard()
             if rep:
                 times[k].append(seconds)
-    return {str(k): statistics.median(v) for k, v in times.items()}
+                cpu[k].append(cpu_seconds)
+    return {str(k): {"wall_s": statistics.median(times[k]), "cpu_s": statistics.median(cpu[k])} for k in bank_sizes}
 
 
 def run_one(energy_args, outputs: dict, bank_size: int, seed: int, args: argparse.Namespace, data_seed: int) -> dict:
@@ -87,10 +91,10 @@ def run_one(energy_args, outputs: dict, bank_size: int, seed: int, args: argpars
 
     torch.manual_seed(seed)
     plugin = make_plugin(energy_args, outputs, bank_size, args.strategy)
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     trained = train_energy_head(plugin, outputs["train"], args.steps, args.batch_size, args.learning_rate, seed=seed,
                                 progress=not args.disable_tqdm)
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - start_cpu
     head = plugin.energy_head
     start = time.time()
     ranking = ranking_metrics(head, outputs["val"], false_negative_eps=energy_args.false_negative_eps, seed=data_seed)
@@ -98,6 +102,7 @@ def run_one(energy_args, outputs: dict, bank_size: int, seed: int, args: argpars
                                      seed=seed, sources=args.sources, num_resamples=200)
     return {"top1_acc": ranking["top1_acc"], "argmin_rms": ranking["argmin_rms"], "loss_first": trained.first,
             "loss_last": trained.last, "train_s": seconds, "step_s": seconds / args.steps,
+            "step_cpu_s": cpu_seconds / args.steps,
             "eval_s": time.time() - start, **selection}
 
 
@@ -106,35 +111,49 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     mean = statistics.fmean(values)
     if len(values) == 1:
         return fmt.format(mean)
-    return (f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))} "
+    return (f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values)).lstrip('+')} "
             f"[{fmt.format(min(values))}, {fmt.format(max(values))}]")
 
 
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.1f}x" if value is not None and base else "-"
+
+
 def summarize(results: dict[str, list[dict]], timing: dict, batch_size: int, sources: list[str]) -> str:
-    """Markdown: learning per bank size (mean ± sd over seeds) and the cost as ratios to K = 0."""
-    base_step = statistics.fmean(r["step_s"] for r in results.get("0", [])) if results.get("0") else None
-    base_fb = timing.get("0")
+    """Markdown: learning per bank size (mean ± sd [min, max] over seeds), then the cost as ratios to K = 0."""
     head = ["bank K", "negatives per row", "seeds", "top-1 (31 other episodes)", "argmin RMS"]
     head += [f"{s}: rerank − policy (oracle − policy)" for s in sources]
-    head += ["s / step", "step ratio", "fwd+bwd s", "fwd+bwd ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = sorted(set(results) | set(timing), key=int)
+    keys = sorted((k for k in set(results) | set(timing) if k.isdigit()), key=int)  # plain bank sizes only
     for k in keys:
         runs = results.get(k, [])
-        row = [k, str(batch_size - 1 + int(k)), str(len(runs))]
-        if runs:
-            row += [spread([r["top1_acc"] for r in runs]), spread([r["argmin_rms"] for r in runs])]
-            for s in sources:
-                gain = [100 * (r[f"l1/{s}/rerank"] / r["l1/policy"] - 1) for r in runs]
-                oracle = statistics.fmean(100 * (r[f"l1/{s}/oracle"] / r["l1/policy"] - 1) for r in runs)
-                row.append(f"{spread(gain, '{:+.1f}')}% ({oracle:+.1f}%)")
-            step = statistics.fmean(r["step_s"] for r in runs)
-            row += [f"{step:.3f}", f"{step / base_step:.1f}x" if base_step else "-"]
-        else:
-            row += ["-", "-"] + ["-"] * len(sources) + ["-", "-"]
-        fb = timing.get(k)
-        row += [f"{fb:.3f}" if fb is not None else "-", f"{fb / base_fb:.1f}x" if fb is not None and base_fb else "-"]
+        if not runs:
+            continue
+        row = [k, str(batch_size - 1 + int(k)), str(len(runs)), spread([r["top1_acc"] for r in runs]),
+               spread([r["argmin_rms"] for r in runs])]
+        for s in sources:
+            gain = [100 * (r[f"l1/{s}/rerank"] / r["l1/policy"] - 1) for r in runs]
+            oracle = statistics.fmean(100 * (r[f"l1/{s}/oracle"] / r["l1/policy"] - 1) for r in runs)
+            row.append(f"{spread(gain, '{:+.1f}')}% ({oracle:+.1f}%)")
         lines.append("| " + " | ".join(row) + " |")
+
+    def mean(k: str, key: str) -> float | None:
+        vals = [r[key] for r in results.get(k, []) if key in r]
+        return statistics.fmean(vals) if vals else None
+
+    def fb(k: str, key: str) -> float | None:
+        t = timing.get(k)
+        return t.get(key) if isinstance(t, dict) else (t if key == "wall_s" else None)
+
+    cost = ["bank K", "negatives per row", "fwd+bwd CPU s", "ratio", "fwd+bwd wall s", "ratio",
+            "train step CPU s", "ratio", "train step wall s", "ratio"]
+    lines += ["", "| " + " | ".join(cost) + " |", "|" + "---|" * len(cost)]
+    for k in keys:
+        cells = [k, str(batch_size - 1 + int(k))]
+        for value, base in ((fb(k, "cpu_s"), fb("0", "cpu_s")), (fb(k, "wall_s"), fb("0", "wall_s")),
+                            (mean(k, "step_cpu_s"), mean("0", "step_cpu_s")), (mean(k, "step_s"), mean("0", "step_s"))):
+            cells += [f"{value:.3f}" if value is not None else "-", _ratio(value, base)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -144,7 +163,7 @@ def main() -> None:
     parser.add_argument("--outputs", default="runs/bench_head_options/outputs.pt",
                         help="cached policy outputs (bench_head_options.py); collected from --run_dir if missing")
     parser.add_argument("--out", default="runs/bench_bank_size")
-    parser.add_argument("--bank_sizes", nargs="+", type=int, default=[0, 64, 256, 1024])
+    parser.add_argument("--bank_sizes", nargs="+", type=int, default=[0, 16, 64, 256, 1024])
     parser.add_argument("--train_bank_sizes", nargs="+", type=int, default=None,
                         help="the K trained (default: all of --bank_sizes); the others are only timed")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -182,8 +201,10 @@ def main() -> None:
     if saved.get("settings", settings) != settings:
         results, timing = {}, {}  # another configuration: start over
     if args.timing_repeats:
-        timing.update(time_forward_backward(energy_args, outputs, args.bank_sizes, args))
-        print("forward+backward s: " + ", ".join(f"K={k} {v:.3f}" for k, v in timing.items()), flush=True)
+        measured = time_forward_backward(energy_args, outputs, args.bank_sizes, args)
+        timing.update(measured)
+        print("forward+backward (CPU s, wall s): " + ", ".join(
+            f"K={k} {v['cpu_s']:.3f} {v['wall_s']:.3f}" for k, v in measured.items()), flush=True)
     results_path.write_text(json.dumps({"settings": settings, "timing": timing, "runs": results}, indent=1))
     for seed in args.seeds:  # seed-major: every K gets seed 0 before any gets seed 1
         for k in args.train_bank_sizes if args.train_bank_sizes is not None else args.bank_sizes:
