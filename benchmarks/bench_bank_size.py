@@ -1,7 +1,7 @@
 """How many negatives pay: energy-head learning and cost against the action bank's size, on one fixed policy.
 
     python benchmarks/bench_bank_size.py --outputs runs/bench_head_options/outputs.pt --out runs/bench_bank_size \
-        --bank_sizes 0 16 64 256 1024 --train_bank_sizes 0 16 64 256 --seeds 0 1 2 3
+        --bank_sizes 0 16 64 256 1024 --train_bank_sizes 0 16 64 256 --seeds 0 1 2 3 4 5
     python benchmarks/bench_bank_size.py --bank_sizes 0 64 --seeds 0 --steps 100 --timing_repeats 0   # a quick look
 
 Head-only training (vla_energy.training.head_only) on the cached outputs of a finished policy (contexts, truth,
