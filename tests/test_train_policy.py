@@ -68,3 +68,18 @@ def test_no_validation_split_trains_requeues_and_checkpoints_load_as_policies(tm
     assert backbone_keys and all("lora_" in k for k in backbone_keys)
     assert {k.split(".")[0] for k in saved} == {"backbone", "action_head", "energy_head"}
     assert not (ckpt / "backbone").exists() and not (runs / "noval" / "base").exists()
+
+
+def test_ranking_and_alignment_terms_train_under_ddp(tmp_path):
+    """candidate_ranking and grad_align_weight (a double backward through the DDP-wrapped head) on 2 processes."""
+    runs = tmp_path / "runs"
+    out = ["--output_dir", str(runs), "--run_name", "terms", "--max_steps", "3", "--eval_strategy", "no",
+           "--candidate_ranking", "4", "--grad_align_weight", "0.5", "--policy_error_negatives", "1"]
+    run = _launch([*SMALL, *out], tmp_path, 29752)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    history = json.loads((runs / "terms" / "metrics.json").read_text())["history"]
+    logged = [h for h in history if "energy/ranking_loss" in h]
+    assert len(logged) == 3 and all(h["energy/ranking_loss"] > 0 and -1 <= h["energy/grad_align_cos"] <= 1
+                                    for h in logged)
+    info = json.loads((runs / "terms" / "model" / "policy_config.json").read_text())
+    assert info["plugin"]["args"]["candidate_ranking"] == 4 and info["plugin"]["args"]["grad_align_weight"] == 0.5
