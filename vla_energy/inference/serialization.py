@@ -122,9 +122,7 @@ def write_policy(
     if norm_stats is not None:
         norm_stats.save(out / "norm_stats.json")
     if retrieval_chunks is not None:
-        save_file({"chunks": retrieval_chunks.detach().float().cpu().contiguous()},
-                  str(out / "retrieval_chunks.safetensors"))
-        info["retrieval_chunks"] = int(retrieval_chunks.shape[0])
+        _save_retrieval_chunks(out, retrieval_chunks, info)
     if run_config is not None and Path(run_config).exists():
         shutil.copyfile(run_config, out / "run_config.json")
     (out / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
@@ -161,12 +159,17 @@ def add_retrieval_chunks(path: str | Path, count: int = 16384, progress: bool = 
     policy_dir = resolve_policy_dir(path)
     data_cfg = load_run_config(policy_dir)[1]
     train_ds, _, _ = build_datasets(data_cfg, progress=progress)
-    chunks = training_chunks(train_ds, count)
-    save_file({"chunks": chunks.contiguous()}, str(policy_dir / "retrieval_chunks.safetensors"))
     info = json.loads((policy_dir / POLICY_CONFIG).read_text())
-    info["retrieval_chunks"] = int(chunks.shape[0])
+    count = _save_retrieval_chunks(policy_dir, training_chunks(train_ds, count), info)
     (policy_dir / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
-    return int(chunks.shape[0])
+    return count
+
+
+def _save_retrieval_chunks(out: Path, chunks: torch.Tensor, info: dict[str, Any]) -> int:
+    """retrieval_chunks.safetensors in `out`, its count recorded in the policy config `info`; returns the count."""
+    save_file({"chunks": chunks.detach().float().cpu().contiguous()}, str(out / "retrieval_chunks.safetensors"))
+    info["retrieval_chunks"] = int(chunks.shape[0])
+    return info["retrieval_chunks"]
 
 
 def checkpoint_policy_writer(run_dir: str | Path, backbone: nn.Module, plugin: EnergyPlugin, norm_stats: Any,

@@ -41,10 +41,12 @@ class HeadOnlyResult:
 
 
 def _batch(result: EvalResult, idx: Tensor, device: torch.device) -> tuple[BackboneReadout, dict[str, Tensor], list]:
-    """Readout (padded contexts; no placeholder states: the layer predictions are given), targets and layer chunks."""
+    """Readout (padded contexts), targets and the layer-wise chunks; the energy loss reads no placeholder states (the
+    layer predictions are given), so the readout carries none."""
     ctx, cmask = _pad_contexts([result.contexts[i] for i in idx])
     layers = torch.stack([result.layer_actions[i] for i in idx], dim=1).to(device)  # [L,B,H,Da]
-    readout = BackboneReadout(context=ctx.to(device), context_mask=cmask.to(device), action_hidden=layers)
+    readout = BackboneReadout(context=ctx.to(device), context_mask=cmask.to(device),
+                              action_hidden=ctx.new_zeros(0, len(idx), layers.shape[2], ctx.shape[-1]))
     targets = {
         "actions": torch.stack([result.actions[i] for i in idx]).to(device),
         "action_mask": torch.stack([result.action_mask[i] for i in idx]).to(device),

@@ -213,6 +213,8 @@ class EnergyPlugin:
             seed = np.random.SeedSequence(key + [_EVAL_STREAM] if self.is_evaluating else key)
             self.generator.manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
         policy = layer_actions[-1] if layer_actions else None
+        if policy is None and self._uses_policy_terms():
+            raise ValueError("candidate_ranking and grad_align_weight need the policy's chunk (layer_actions)")
         scale = None
         if self.policy_error is not None and policy is not None:  # evaluation reads the running error, never moves it
             scale = (self.policy_error.scale.to(actions.device) if self.is_evaluating else
@@ -251,8 +253,6 @@ class EnergyPlugin:
         finally:
             if self.is_evaluating and self.bank is not None:
                 self.bank.discard(keep=staged)  # the bank only holds training data
-        if policy is None and self._uses_policy_terms():
-            raise ValueError("candidate_ranking and grad_align_weight need the policy's chunk (layer_actions)")
         if self.args.candidate_ranking and ctx.shape[0] > 0:
             cands = ranking_candidates(actions, policy, scale, self.args.candidate_ranking, action_mask,
                                        self.generator)

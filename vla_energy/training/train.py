@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with accelerator.main_process_first():
         train_ds, val_ds, norm_stats = build_datasets(data_args, progress=main_proc and not train.disable_tqdm)
     action_dim = len(train_ds[0]["actions"][0])
-    retrieval = training_chunks(train_ds, train.retrieval_chunks)
+    # Only the main process writes policies and checkpoints' policy files.
+    retrieval = training_chunks(train_ds, train.retrieval_chunks) if main_proc else None
     state_dim = state_dim_of(train_ds) if data_args.use_state else None
 
     def build_model() -> tuple[EnergyVLAModel, LoadedBackbone]:
