@@ -22,11 +22,14 @@ $(STAMP): $(PY) setup.cfg setup.py
 
 venv: $(STAMP)
 
-# 2 processes on the CPU (gloo), the tiny offline VLM and the synthetic task; one thread per process.
+# 2 processes on the CPU (gloo), the tiny offline VLM and the synthetic task; one thread per process. Then the
+# trained policy in closed loop on 50 unseen synthetic episodes per mode, all in lockstep (docs/sim.md). A second
+# `make demo` replaces runs/demo (--overwrite_output_dir): the demo is a fixed recipe, not a run to keep.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml \
-		-m vla_energy.training.train --config demo
-	@echo "demo finished: report in runs/demo/report.md (metrics.json, plots beside it)"
+		-m vla_energy.training.train --config demo --overwrite_output_dir
+	OMP_NUM_THREADS=1 $(VENV)/bin/vla-energy rollout runs/demo --episodes 50 --batch_size 50
+	@echo "demo finished: report in runs/demo/report.md (metrics.json, plots beside it); closed loop in runs/demo/rollout/report.md"
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests

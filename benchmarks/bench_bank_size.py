@@ -33,7 +33,7 @@ import torch
 
 def make_plugin(energy_args, outputs: dict, bank_size: int, strategy: str):
     """A fresh EnergyPlugin with the run's energy settings, the bank size and strategy under test."""
-    from vla_energy.training.plugin import EnergyPlugin
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
 
     train = outputs["train"]
     args = replace(energy_args, bank_size=bank_size, strategy=strategy)

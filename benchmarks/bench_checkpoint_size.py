@@ -4,9 +4,10 @@
     python benchmarks/bench_checkpoint_size.py --hidden_size 64 --layers 4 --image_size 32
 
 The backbone is the one bench_overhead.py builds (tiny-llava of the given width/depth, LoRA r=16 on all linear
-layers) with the plugin's heads. Both checkpoints are taken after the same optimizer step, side by side: "full" is
-accelerator.save_state of the prepared modules (every backbone weight); "trainable" is save_checkpoint with the
-hooks and the policy files (adapter, heads, processor/base reference), as the training recipe writes it. The run's
+layers) with the plugin's heads, as one EnergyVLAModel. Both checkpoints are taken after the same optimizer step,
+side by side: "full" is accelerator.save_state of the prepared model (every backbone weight); "trainable" is
+save_checkpoint with the hooks and the policy files (adapter, plugin, processor/base reference), as the training
+recipe writes it. The run's
 frozen base, written once per run for tiny backbones (a real backbone is referred to by name and revision), is shown
 on its own line.
 """
@@ -21,10 +22,12 @@ from accelerate import Accelerator
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
-from vla_energy.inference.serialization import checkpoint_policy_writer
-from vla_energy.testing.checkpoints import ensure_tiny_checkpoint
+from vla_energy.backbones.tiny import ensure_tiny_checkpoint
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import checkpoint_policy_writer
 from vla_energy.training.checkpoints import register_checkpoint_hooks, save_checkpoint
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 
 def _bytes(path: Path) -> int:
@@ -47,25 +50,25 @@ def main() -> None:
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=a.lora_r))
     plugin = EnergyPlugin(EnergyArguments(), hidden_size_of(loaded.model), 7, 8, loaded.action_token_id)
     accelerator = Accelerator(cpu=True)
-    modules = (backbone, plugin.action_head, plugin.energy_head)
-    optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters() if p.requires_grad], lr=1e-4)
-    backbone, plugin.action_head, plugin.energy_head, optimizer = accelerator.prepare(*modules, optimizer)
-    loss = sum(p.float().square().sum() for m in modules for p in m.parameters() if p.requires_grad)
+    model = EnergyVLAModel(backbone, plugin)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss = sum(p.float().square().sum() for p in model.parameters() if p.requires_grad)
     loss.backward()
     optimizer.step()  # optimizer state exists, identical in both checkpoints
-    trainable = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         accelerator.save_state(str(run / "full"), safe_serialization=True)
         register_checkpoint_hooks(accelerator)
-        writer = checkpoint_policy_writer(run, backbone, plugin, None, loaded)
+        writer = checkpoint_policy_writer(model, processor=loaded.processor, base=loaded.name)
         ckpt = save_checkpoint(accelerator, run / "checkpoints" / "step_0000001", 1, policy_writer=writer)
         full, ours = _bytes(run / "full"), _bytes(ckpt)
     print(f"backbone: tiny-llava, hidden {a.hidden_size}, {a.layers} layers, image {a.image_size} px, "
           f"{params / 1e6:.1f}M parameters; LoRA r={a.lora_r}; trainable (LoRA + heads) {trainable / 1e6:.2f}M")
     print("| checkpoint | MB |\n|---|---|")
-    print(f"| full: accelerator.save_state of the prepared modules | {full / 1e6:.1f} |")
+    print(f"| full: accelerator.save_state of the prepared model | {full / 1e6:.1f} |")
     print(f"| trainable: save_checkpoint with the hooks, incl. policy files | {ours / 1e6:.1f} |")
     print(f"ratio trainable / full: {ours / full:.3f}")
 

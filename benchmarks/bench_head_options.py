@@ -39,7 +39,7 @@ SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval")
 
 def collect(run_dir: Path, max_train: int, max_val: int, progress: bool) -> dict:
     """The policy's outputs on both splits (contexts, truth, masks, policy and layer chunks, episodes)."""
-    from vla_energy.inference.serialization import load_policy
+    from vla_energy.modeling.serialization import load_policy
     from vla_energy.training.arguments import load_run_config
     from vla_energy.training.head_only import collect_run_outputs
 
@@ -52,10 +52,10 @@ def run_variant(run_dir: Path, outputs: dict, overrides: dict, seed: int, args: 
     saved with the same training settings); evaluate it on val."""
     from vla_energy.evaluation.metrics import ranking_metrics
     from vla_energy.evaluation.selection import selection_metrics
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.modeling.modeling_energy_head import EnergyHead
     from vla_energy.training.arguments import load_run_config
     from vla_energy.training.head_only import train_energy_head
-    from vla_energy.training.plugin import EnergyPlugin
 
     _, data_cfg, _, energy_args, _ = load_run_config(run_dir)
     energy_args = replace(energy_args, **overrides)

@@ -54,7 +54,8 @@ def launch(procs: int, run_name: str, config: str, flags: list[str], args: argpa
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            str(script), "--config", str(ROOT / "benchmarks" / "configs" / config),
-           "--output_dir", str(args.out), "--run_name", run_name, "--report_to", "none", "--disable_tqdm",
+           "--output_dir", str(args.out), "--run_name", run_name, "--overwrite_output_dir", "--report_to", "none",
+           "--disable_tqdm",
            "--backbone", args.backbone, *task, *flags, *args.extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()

@@ -28,9 +28,10 @@ from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
 from vla_energy.backbones.readout import backbone_forward, backbone_inputs, hidden_size_of
+from vla_energy.backbones.tiny import ensure_tiny_checkpoint
 from vla_energy.data import VLACollator
-from vla_energy.testing.checkpoints import ensure_tiny_checkpoint
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 
 H, DA = 8, 7
 
@@ -47,9 +48,8 @@ def setup(a: argparse.Namespace) -> tuple:
                           loaded.action_token_id)
     acc = SimpleNamespace(num_processes=1, process_index=0, device=device)
     plugin.setup(acc, a.batch)
-    plugin.action_head.to(device)
-    plugin.energy_head.to(device)
-    opt = torch.optim.AdamW(param_groups(backbone, plugin.action_head, plugin.energy_modules(), 1e-4))
+    plugin.to(device)
+    opt = torch.optim.AdamW(param_groups(backbone, plugin.policy_modules(), plugin.energy_modules(), 1e-4))
     g = torch.Generator().manual_seed(0)
     examples = [{"image": (torch.rand(32, 32, 3, generator=g) * 255).byte().numpy(),
                  "instruction": f"put the red block in bowl {i}", "actions": torch.rand(H, DA, generator=g).numpy(),
@@ -66,7 +66,7 @@ def step(variant: str, backbone, plugin, opt, batch, acc) -> float:
         out = backbone(**backbone_inputs(batch), output_hidden_states=True)
     else:
         out = backbone_forward(backbone, batch)
-    loss, _ = plugin.compute_loss(out, batch, acc)
+    loss = plugin(out, batch, acc).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""Step time and peak memory: the one-module loop (EnergyVLAModel, one prepare) against the old separate-modules
-loop (backbone, action head, energy head prepared one by one, loss by the plugin), on CPU, side by side.
+"""Step time and peak memory: the one-module loop (EnergyVLAModel, one prepare) against a separate-modules loop
+(backbone, action head, energy head prepared one by one, loss by the plugin's forward), on CPU, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_one_model.py [--steps 10 --rounds 3]
 
@@ -29,8 +29,9 @@ def run(layout: str, steps: int) -> dict[str, float]:
     from vla_energy.backbones.param_groups import param_groups
     from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
     from vla_energy.data import DataConfig, VLACollator, build_datasets
+    from vla_energy.modeling.configuration_energy import EnergyArguments
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-    from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
     torch.manual_seed(0)
     train_ds, _, _ = build_datasets(DataConfig(dataset="synthetic", num_episodes=12, horizon=8), progress=False)
@@ -42,7 +43,7 @@ def run(layout: str, steps: int) -> dict[str, float]:
     batches = [collator([train_ds[i] for i in range(k * 8, k * 8 + 8)]) for k in range(steps + 2)]
     accelerator = Accelerator(cpu=True)
     plugin.setup(accelerator, 8)
-    optimizer = torch.optim.AdamW(param_groups(backbone, plugin.action_head, plugin.energy_modules(), 1e-4))
+    optimizer = torch.optim.AdamW(param_groups(backbone, plugin.policy_modules(), plugin.energy_modules(), 1e-4))
     if layout == "one":
         model, optimizer = accelerator.prepare(EnergyVLAModel(backbone, plugin), optimizer)
 
@@ -56,7 +57,7 @@ def run(layout: str, steps: int) -> dict[str, float]:
 
         def step(batch):
             out = backbone(**backbone_inputs(batch), output_hidden_states=True)
-            return plugin.compute_loss(out, batch, accelerator)[0]
+            return plugin(out, batch, accelerator).loss
     times = []
     for i, batch in enumerate(batches):
         start = time.perf_counter()

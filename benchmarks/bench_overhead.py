@@ -20,10 +20,11 @@ from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.param_groups import param_groups
 from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
+from vla_energy.backbones.tiny import ensure_tiny_checkpoint
 from vla_energy.data import DataConfig, VLACollator, build_datasets
 from vla_energy.losses.policy_l1 import masked_l1
-from vla_energy.testing.checkpoints import ensure_tiny_checkpoint
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     plugin = EnergyPlugin(EnergyArguments(strategy="combined"), hidden_size_of(loaded.model),
                           len(train[0]["actions"][0]), 8, loaded.action_token_id)
     plugin.setup(SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu")), a.batch)
-    opt = torch.optim.AdamW(param_groups(backbone, plugin.action_head, plugin.energy_modules(), 1e-3))
+    opt = torch.optim.AdamW(param_groups(backbone, plugin.policy_modules(), plugin.energy_modules(), 1e-3))
     batches = iter(DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=VLACollator(loaded.processor, 8, loaded.action_token)))
     acc = SimpleNamespace(num_processes=1, process_index=0)
     times = {"without": [], "with": []}
@@ -57,7 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out = backbone(**backbone_inputs(batch), output_hidden_states=True)
         if variant == "with":
-            loss, _ = plugin.compute_loss(out, batch, acc)
+            loss = plugin(out, batch, acc).loss
         else:
             policy, _ = plugin.predict_actions(plugin.read(out, batch))
             loss = masked_l1(policy, batch["actions"], batch["action_mask"])

@@ -4,7 +4,7 @@
     python benchmarks/bench_selection.py --run_dir runs/demo      # only evaluate an existing run
 
 Trains `--config demo` with 2 CPU processes (`accelerate launch -m vla_energy.training.train`, gloo) for
---max_steps, then runs `vla-energy evaluate` (vla_energy.evaluation.cli.evaluate_run) on the validation split and
+--max_steps, then runs `vla-energy evaluate` (vla_energy.evaluation.evaluate.evaluate_run) on the validation split and
 prints a markdown table: action L1 of policy / random / rerank / refine / oracle per candidate source with 95%
 bootstrap intervals, the paired difference rerank - policy, and the ranking metrics. Extra recipe options
 (e.g. a variant to compare) follow `--`.
@@ -27,7 +27,8 @@ def train(args: argparse.Namespace, extra: list[str]) -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(args.port),
            "-m", "vla_energy.training.train", "--config", "demo", "--max_steps", str(args.max_steps),
-           "--eval_steps", "0", "--output_dir", str(args.out), "--run_name", args.run_name, "--disable_tqdm", "true",
+           "--eval_steps", "0", "--output_dir", str(args.out), "--run_name", args.run_name, "--overwrite_output_dir",
+           "--disable_tqdm", "true",
            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--run_dir", default=None, help="evaluate this run instead of training one")
     parser.add_argument("--port", type=int, default=29861)
     args = parser.parse_args(argv)
-    from vla_energy.evaluation.cli import evaluate_run
+    from vla_energy.evaluation.evaluate import evaluate_run
 
     start = time.time()
     run_dir = Path(args.run_dir) if args.run_dir else train(args, extra)

@@ -28,7 +28,7 @@ def launch(name: str, flags: list[str], args: argparse.Namespace) -> dict:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(args.port), "-m", "vla_energy.training.train", "--config", "demo",
            "--synthetic_state", "goal_offset", "--max_steps", str(args.max_steps), "--seed", str(args.seed),
-           "--eval_steps", "0", "--output_dir", str(args.out), "--run_name", name, "--report_to", "none",
+           "--eval_steps", "0", "--output_dir", str(args.out), "--run_name", name, "--overwrite_output_dir", "--report_to", "none",
            "--disable_tqdm", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     print(" ".join(cmd), flush=True)

@@ -21,7 +21,7 @@ def prepare_without_energy_head(self: Accelerator, *args, **kwargs):
     """Accelerator.prepare, except that DDP ignores the EnergyVLAModel's energy head (no gradient all-reduce)."""
     for arg in args:
         if isinstance(arg, EnergyVLAModel):
-            names = [f"energy_head.{n}" for n, _ in arg.energy_head.named_parameters()]
+            names = [f"plugin.energy_head.{n}" for n, _ in arg.plugin.energy_head.named_parameters()]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(arg, names)
     return _prepare(self, *args, **kwargs)
 

@@ -5,7 +5,7 @@
 
 import sys
 
-from vla_energy.evaluation.cli import main
+from vla_energy.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["evaluate", *sys.argv[1:]]))

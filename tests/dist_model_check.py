@@ -18,8 +18,9 @@ from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 B, H = 2, 4
 
@@ -50,9 +51,7 @@ def fsdp_vs_ddp(out: Path) -> None:
     state = PartialState()
     rank = state.process_index
     train_ds, model, collator = _parts("tiny-llava", str(out / "cache"), LoraArguments(lora_r=4))
-    twin = copy.deepcopy(model)
-    twin.plugin = copy.deepcopy(model.plugin)
-    twin.point_plugin_at_heads()
+    twin = copy.deepcopy(model)  # the plugin and its heads are submodules: copied with it
     ddp = DistributedDataParallel(model)
     for layer in twin.backbone.get_base_model().model.language_model.layers:
         fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))

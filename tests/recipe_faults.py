@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 import vla_energy.training.checkpoints as checkpoint_mod
-from vla_energy.training.plugin import EnergyPlugin
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN_CALL = 2  # 1-based micro-batch index whose loss becomes NaN
 
 
 def inject_nan(report_dir: Path) -> None:
-    """Patch the optimizer (to see every trained parameter) and compute_loss (to poison one rank's loss)."""
+    """Patch the optimizer (to see every trained parameter) and the plugin's forward (to poison one rank's loss)."""
     optimizers: list[torch.optim.Optimizer] = []
 
     class CapturedAdamW(torch.optim.AdamW):
@@ -36,7 +36,7 @@ def inject_nan(report_dir: Path) -> None:
             optimizers.append(self)
 
     torch.optim.AdamW = CapturedAdamW
-    original = EnergyPlugin.compute_loss
+    original = EnergyPlugin.forward
     snapshots: list[dict] = []
 
     def snapshot(plugin: EnergyPlugin) -> dict:
@@ -50,19 +50,19 @@ def inject_nan(report_dir: Path) -> None:
         changed = {k: any(not torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in ("params", "bank")}
         return {**changed, "lrs": a["lrs"] != b["lrs"]}
 
-    def compute_loss(self, outputs, batch, accelerator, *args, **kwargs):
+    def forward(self, outputs, batch, group, *args, **kwargs):
         snapshots.append(snapshot(self))
-        loss, metrics = original(self, outputs, batch, accelerator, *args, **kwargs)
-        rank, calls = accelerator.process_index, len(snapshots)
-        if calls == NAN_CALL and rank == accelerator.num_processes - 1:
-            loss = loss * float("nan")
+        parts = original(self, outputs, batch, group, *args, **kwargs)
+        rank, calls = group.process_index, len(snapshots)
+        if calls == NAN_CALL and rank == group.num_processes - 1:
+            parts.loss = parts.loss * float("nan")
         if calls == NAN_CALL + 2:
             report = {"over_skipped_step": moved(snapshots[NAN_CALL - 1], snapshots[NAN_CALL]),
                       "over_normal_step": moved(snapshots[NAN_CALL], snapshots[NAN_CALL + 1])}
             (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
-        return loss, metrics
+        return parts
 
-    EnergyPlugin.compute_loss = compute_loss
+    EnergyPlugin.forward = forward
 
 
 def inject_kill() -> None:

@@ -21,10 +21,12 @@ from vla_energy.backbones.readout import (
     num_layers_of,
     read_backbone,
 )
+from vla_energy.backbones.tiny import TINY_FAMILIES, ensure_tiny_checkpoint, processor_unavailable
 from vla_energy.data.collator import VLACollator
-from vla_energy.inference.serialization import load_policy, save_policy
-from vla_energy.testing.checkpoints import TINY_FAMILIES, ensure_tiny_checkpoint, processor_unavailable
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import load_policy, save_policy
 
 H, DA, B = 4, 3, 6
 FAMILIES = [pytest.param(f, marks=pytest.mark.skipif(processor_unavailable(f) is not None,
@@ -94,7 +96,8 @@ def test_readout_layers_lora_and_overfit(kind, tmp_path):
     first = None
     for _ in range(60):
         outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
-        loss, metrics = plugin.compute_loss(outputs, batch, accelerator)
+        out = plugin(outputs, batch, accelerator)
+        loss, metrics = out.loss, out.metrics
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -103,8 +106,8 @@ def test_readout_layers_lora_and_overfit(kind, tmp_path):
     assert metrics["energy_loss"] < 0.9 * first["energy_loss"]
 
     # Save -> load reproduces identical actions and energies.
-    save_policy(tmp_path / "policy", backbone, plugin, None, loaded)
-    assert (tmp_path / "policy" / "energy_head" / "model.safetensors").exists()
+    save_policy(tmp_path / "policy", EnergyVLAModel(backbone, plugin), loaded.processor, base=loaded.name)
+    assert (tmp_path / "policy" / "plugin.safetensors").exists()
     assert (tmp_path / "policy" / "adapter" / "adapter_model.safetensors").exists()
     reloaded = load_policy(tmp_path / "policy")
     for m in (backbone, plugin.action_head, plugin.energy_head):
@@ -123,15 +126,15 @@ def test_bad_inputs_raise():
     batch = _batch(loaded, placeholders=2)
     outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
     with pytest.raises(ValueError, match=r"have \[2, 2, 2, 2, 2, 2\] action placeholders .* expected horizon=4"):
-        plugin.compute_loss(outputs, batch, accelerator)
+        plugin(outputs, batch, accelerator)
     batch = _batch(loaded)
     outputs = backbone(**backbone_inputs(batch))
     with pytest.raises(ValueError, match="returned no hidden_states"):
-        plugin.compute_loss(outputs, batch, accelerator)
+        plugin(outputs, batch, accelerator)
     outputs = backbone(**backbone_inputs(batch), output_hidden_states=True)
     batch["actions"] = torch.zeros(B, H, DA + 1)
     with pytest.raises(ValueError, match=r"actions has shape \(6, 4, 4\), expected \(B, H=4, Da=3\)"):
-        plugin.compute_loss(outputs, batch, accelerator)
+        plugin(outputs, batch, accelerator)
 
 
 def test_read_backbone_left_padding_order():
@@ -274,7 +277,7 @@ def test_openvla_style_model_trains_through_the_plugin():
     batch["actions"] = torch.rand(2, H, DA)
     batch["action_mask"] = torch.ones(2, H, dtype=torch.bool)
     batch["sample_id"] = torch.arange(2)
-    loss, metrics = plugin.compute_loss(backbone_forward(backbone, batch), batch, accelerator)
+    loss = plugin(backbone_forward(backbone, batch), batch, accelerator).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in backbone.named_parameters() if "lora_B" in n and "language_model" in n)
@@ -306,7 +309,7 @@ def test_checkpoint_without_hidden_states_is_refused():
     _, _, plugin, accelerator = _setup("llava")
     batch = _batch(loaded)
     with pytest.raises(ValueError, match="the backbone returned no hidden_states: call it with output_hidden_states"):
-        plugin.compute_loss(backbone_forward(NoHidden(loaded.model), batch), batch, accelerator)
+        plugin(backbone_forward(NoHidden(loaded.model), batch), batch, accelerator)
 
 
 def test_processor_kwargs_option_from_yaml_and_command_line(tmp_path):

@@ -76,8 +76,8 @@ def test_gradient_alignment_is_zero_for_a_bowl_at_the_truth_and_two_for_a_hill()
 
 
 def _plugin(**overrides):
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.training.arguments import EnergyArguments
-    from vla_energy.training.plugin import EnergyPlugin
 
     args = EnergyArguments(strategy="layer", num_negatives=3, energy_hidden_dim=16, energy_num_heads=2,
                            energy_num_layers=1, action_head_dim=16, **overrides)
@@ -133,9 +133,9 @@ def _cached_outputs(n: int, seed: int = 0):
 
 def test_head_only_training_learns_and_is_seeded():
     from vla_energy.evaluation.metrics import ranking_metrics
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.training.arguments import EnergyArguments
     from vla_energy.training.head_only import train_energy_head
-    from vla_energy.training.plugin import EnergyPlugin
 
     train, val = _cached_outputs(128), _cached_outputs(64, seed=1)
 
@@ -156,13 +156,13 @@ def test_head_only_training_learns_and_is_seeded():
         train_energy_head(EnergyPlugin(EnergyArguments(), H * DA, DA, H, 0), _cached_outputs(1), 5)
 
 
-def test_train_head_command_replaces_a_saved_policy_head(tmp_path):
+def test_train_head_command_writes_a_policy_with_a_new_head(tmp_path):
     import json
 
     import numpy as np
     from safetensors.torch import load_file
 
-    from vla_energy.evaluation.cli import main
+    from vla_energy.cli import main
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.training.train import main as train_main
 
@@ -171,15 +171,20 @@ def test_train_head_command_replaces_a_saved_policy_head(tmp_path):
                 "--energy_hidden_dim", "16", "--action_head_dim", "16", "--report_to", "none", "--disable_tqdm",
                 "--output_dir", str(tmp_path), "--run_name", "run", "--cache_dir", str(tmp_path / "cache")])
     model = tmp_path / "run" / "model"
-    before = load_file(str(model / "energy_head" / "model.safetensors"))
+    before = load_file(str(model / "plugin.safetensors"))
     assert main(["train-head", str(tmp_path / "run"), "--max_steps", "3", "--batch_size", "4", "--max_samples", "16",
                  "--candidate_ranking", "3", "--disable_tqdm"]) == 0
-    after = load_file(str(model / "energy_head" / "model.safetensors"))
-    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    info = json.loads((model / "policy_config.json").read_text())
+    # A new policy beside the run's, which stays as it was.
+    assert all(torch.equal(v, load_file(str(model / "plugin.safetensors"))[k]) for k, v in before.items())
+    new = tmp_path / "run" / "model_head"
+    after = load_file(str(new / "plugin.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("energy_head."))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("action_head."))
+    info = json.loads((new / "policy_config.json").read_text())
     assert info["energy_head_retrained"]["max_steps"] == 3 and info["energy_head_retrained"]["samples"] == 16
     assert info["plugin"]["args"]["candidate_ranking"] == 3
-    policy = EnergyPolicy.from_pretrained(tmp_path / "run")
+    policy = EnergyPolicy.from_pretrained(new)
     image = np.zeros((32, 32, 3), np.uint8)
     chunk = policy.predict([image], ["go"], mode="mean", candidates="retrieval", num_samples=4)
     assert chunk.shape == (1, 4, 3) and np.isfinite(chunk).all()

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.readout import backbone_inputs
+from vla_energy.backbones.tiny import TINY_FAMILIES, processor_unavailable
 from vla_energy.data import (
     DataConfig,
     NormStats,
@@ -33,7 +34,6 @@ from vla_energy.data import (
 )
 from vla_energy.data import video as video_mod
 from vla_energy.data.synthetic import GAIN, PALETTE, WRIST_ZOOM
-from vla_energy.testing.checkpoints import TINY_FAMILIES, processor_unavailable
 from vla_energy.testing.lerobot_datasets import frame_rgb as _frame_rgb
 from vla_energy.testing.lerobot_datasets import write_lerobot_v3
 
@@ -299,7 +299,7 @@ def test_hub_names_go_through_load_dataset(monkeypatch) -> None:
                      instruction_key="prompt", action_key="act", episode_key="ep", frame_key="t")
     assert len(load_frames(cfg)) == 12 and calls == [("org/robot-data", "validation")]
     monkeypatch.setattr(loading, "load_dataset", lambda name, split: (_ for _ in ()).throw(ConnectionError("offline")))
-    with pytest.raises(ValueError, match="is not a local path.*ConnectionError: offline"):
+    with pytest.raises(ValueError, match="no such file or directory.*as a hub dataset failed.*ConnectionError: offline"):
         load_frames(cfg)
 
 

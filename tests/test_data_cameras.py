@@ -10,8 +10,8 @@ import torch
 
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.readout import backbone_inputs, read_backbone
+from vla_energy.backbones.tiny import build_tiny_checkpoint
 from vla_energy.data import VLACollator
-from vla_energy.testing.checkpoints import build_tiny_checkpoint
 from vla_energy.testing.lerobot_datasets import TASKS, frame_rgb
 
 # Image tokens per 32 x 32 image (see tests/test_real_format_backbones.py).

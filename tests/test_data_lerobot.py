@@ -43,7 +43,8 @@ def test_hub_repo_id_reads_the_hub_cache_offline(tmp_path: Path) -> None:
     lines = out.stdout.splitlines()
     assert lines[0] == "ok 12 2 " + str(sorted(["action_mask", "actions", "episode_index", "frame_index", "image",
                                                 "instruction", "sample_id", "state"]))
-    assert lines[1].startswith("error dataset='lerobot/not_cached' is not in the local hub cache")
+    assert lines[1].startswith("error dataset='lerobot/not_cached': no such file or directory")
+    assert "dataset='lerobot/not_cached' is not in the local hub cache" in lines[1]
     assert str(tmp_path / "hub") in lines[1] and "HF_HUB_OFFLINE=1" in lines[1]
     assert "hf download lerobot/not_cached --repo-type dataset" in lines[1]
 

@@ -162,10 +162,12 @@ def check_path(path: str, where: str) -> None:
 
 def check_evaluate(argv: list[str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`vla-energy evaluate` options through its own argparse parser (the evaluation itself is not run)."""
-    from vla_energy.evaluation import cli
+    from vla_energy import cli
+    from vla_energy.evaluation import evaluate
 
     seen = {}
-    monkeypatch.setattr(cli, "evaluate_run", lambda *a, **k: seen.setdefault("args", a) and {})
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: seen.setdefault("args", a) and {})
+    monkeypatch.setattr(evaluate, "evaluation_tables", lambda metrics: "")  # nothing was evaluated to print
     try:
         cli.main(["evaluate", *argv])
     except SystemExit as e:  # argparse's way of saying "bad option"

@@ -10,7 +10,8 @@ from accelerate.state import AcceleratorState
 from test_distributed import DA, SINGLE, D, H, S, _head  # the same small float64 head and sizes
 
 from vla_energy.losses.bank import ActionBank
-from vla_energy.losses.false_negatives import chunk_rms, lookalike_mask
+from vla_energy.losses.distances import chunk_rms
+from vla_energy.losses.false_negatives import lookalike_mask
 from vla_energy.losses.global_infonce import global_infonce_loss
 from vla_energy.losses.negatives import false_negative_mask
 

@@ -29,7 +29,7 @@ def test_fsdp2_matches_ddp_over_two_steps(tmp_path):
 
 
 def test_llava_vision_feature_layer_trains_under_ddp(tmp_path):
-    from vla_energy.testing.checkpoints import build_tiny_checkpoint
+    from vla_energy.backbones.tiny import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint("llava", tmp_path / "llava")
     run = _launch(["llava", str(tmp_path), str(ckpt)], tmp_path, 29702)

@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _launch(config: str, precision: str, args: list[str], tmp_path: Path, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache"), "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" /
            config), "--num_processes", "1", "--mixed_precision", precision, "--main_process_port", str(port),
            "-m", "vla_energy.training.train", *SMALL, *args]
@@ -64,8 +65,8 @@ def test_recipe_on_one_gpu(config, precision, tmp_path):
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.training.arguments import load_run_config
 
-    head = load_file(str(run / "model" / "energy_head" / "model.safetensors"))
-    assert all(torch.isfinite(v).all() for v in head.values())
+    head = {k: v for k, v in load_file(str(run / "model" / "plugin.safetensors")).items() if k.startswith("energy_head.")}
+    assert head and all(torch.isfinite(v).all() for v in head.values())
     policy = EnergyPolicy.from_pretrained(run)
     _, data_cfg, *_ = load_run_config(run)
     os.environ["VLA_ENERGY_CACHE"] = str(tmp_path / "cache")

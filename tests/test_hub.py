@@ -14,10 +14,12 @@ from huggingface_hub.utils import filter_repo_objects
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
-from vla_energy.evaluation.report import add_results_to_policy
 from vla_energy.inference.policy import EnergyPolicy
-from vla_energy.inference.serialization import save_policy
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import save_policy
+from vla_energy.training.run_report import add_results_to_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,8 @@ def _policy_dir(tmp_path: Path) -> Path:
     run_config = tmp_path / "run_config.json"
     run_config.write_text(json.dumps({"DataConfig": {"dataset": "synthetic", "normalization": "q01_q99"},
                                       "TrainArguments": {"max_steps": 7, "learning_rate": 0.001}}))
-    return save_policy(tmp_path / "policy", backbone, plugin, None, loaded, run_config=run_config)
+    return save_policy(tmp_path / "policy", EnergyVLAModel(backbone, plugin), loaded.processor, base=loaded.name,
+                       run_config=run_config)
 
 
 def test_push_to_hub_uploads_the_policy_files_with_a_model_card(tmp_path, monkeypatch):
@@ -51,7 +54,7 @@ def test_push_to_hub_uploads_the_policy_files_with_a_model_card(tmp_path, monkey
     sent = set(filter_repo_objects(files, allow_patterns=upload["allow_patterns"]))
     assert "optimizer.bin" not in sent
     assert {"policy_config.json", "README.md", "metrics.json", "loss.png", "adapter/adapter_model.safetensors",
-            "energy_head/model.safetensors", "action_head/model.safetensors", "processor/tokenizer.json",
+            "plugin.safetensors", "processor/tokenizer.json",
             "action_token_embedding.safetensors"} <= sent
     card = (out / "README.md").read_text()
     assert "library_name: vla_energy" in card and "pipeline_tag: robotics" in card
@@ -67,9 +70,11 @@ from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data.normalization import NormStats
 from vla_energy.inference.policy import EnergyPolicy
-from vla_energy.inference.serialization import LoadedPolicy, save_policy
-from vla_energy.testing.checkpoints import build_tiny_checkpoint
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.modeling.serialization import LoadedPolicy, save_policy
+from vla_energy.backbones.tiny import build_tiny_checkpoint
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 
 tmp, cache = Path(sys.argv[1]), Path(os.environ["HF_HUB_CACHE"])
 
@@ -91,14 +96,14 @@ plugin = EnergyPlugin(EnergyArguments(energy_hidden_dim=32, action_head_dim=32),
 with torch.no_grad():  # the new action token's row must travel with the policy
     loaded.model.get_input_embeddings().weight[loaded.action_token_id] += 1.0
 stats = NormStats("q01_q99", [0.0] * 3, [1.0] * 3, [-2.0] * 3, [2.0] * 3, [-3.0] * 3, [3.0] * 3, 10)
-out = save_policy(tmp / "policy", backbone, plugin, stats, loaded)
+model = EnergyVLAModel(backbone, plugin)
+out = save_policy(tmp / "policy", model, loaded.processor, stats, base=loaded.name)
 info = json.loads((out / "policy_config.json").read_text())
 assert info["revision"] == base_commit, info
 assert (out / "processor").is_dir() and not (out / "backbone").exists() and not (out / "merged").exists()
-for m in (backbone, plugin.action_head, plugin.energy_head):
-    m.eval()
+model.eval()
 images = [np.random.RandomState(i).randint(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
-ref = EnergyPolicy(LoadedPolicy(backbone, loaded.processor, plugin, stats, info, out)).predict(images, ["a", "b"])
+ref = EnergyPolicy(LoadedPolicy(model, loaded.processor, stats, info, out)).predict(images, ["a", "b"])
 
 policy_commit = lay("org/my-policy", out)
 shutil.rmtree(out)  # nothing left but the cache

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
-from vla_energy.inference.rerank import RerankResult, propose_candidates, refine, rerank
+from vla_energy.inference.candidates import gaussian_candidates, layer_candidates, make_candidates
+from vla_energy.inference.rerank import RerankResult, refine, rerank
 from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss
 
 H, DA, D, S = 4, 2, 16, 3
@@ -92,7 +93,7 @@ def test_refine_descends_monotonically_in_bounds(trained_head):
     start = chunks + 0.3 * torch.randn(chunks.shape, generator=g)
     start[:4] *= 4.0  # far out of [-1, 1]
     before = start.clone()
-    refined, trace = refine(trained_head, context, start, steps=20, step_size=0.05)
+    refined, trace = refine(trained_head, context, start, steps=20)
 
     assert refined.shape == (32, H, DA) and trace.shape == (21, 32)
     assert torch.equal(start, before), "refine must not modify its input"
@@ -108,15 +109,19 @@ def test_refine_descends_monotonically_in_bounds(trained_head):
     assert all(p.grad is None for p in trained_head.parameters()), "refine created parameter gradients"
 
 
-def test_refine_step_is_clipped_and_custom_bounds_hold(trained_head):
+def test_refine_steps_are_the_line_search_sizes_and_custom_bounds_hold(trained_head):
     g = torch.Generator().manual_seed(4)
     context, chunks = toy_task(8, g)
     start = 3.0 * torch.randn(chunks.shape, generator=g)
-    one, trace = refine(trained_head, context, start, steps=1, step_size=10.0, max_step=0.02, low=-0.5, high=0.5)
+    one, trace = refine(trained_head, context, start, steps=1, step_sizes=(0.02,), low=-0.5, high=0.5)
     assert trace.shape == (2, 8)
-    assert float((one - start.clamp(-0.5, 0.5)).abs().max()) <= 0.02 + 1e-6
-    many, _ = refine(trained_head, context, start, steps=5, step_size=10.0, low=-0.5, high=0.5)
+    moved = (one - start.clamp(-0.5, 0.5)).square().mean(dim=(1, 2)).sqrt()
+    assert bool((moved <= 0.02 + 1e-6).all()), "a step moves a chunk by at most its RMS step size"
+    many, _ = refine(trained_head, context, start, steps=5, low=-0.5, high=0.5)
     assert bool((many >= -0.5).all() and (many <= 0.5).all())
+    per_dim, _ = refine(trained_head, context, start, steps=3, low=torch.tensor([-0.2, -0.9]),
+                        high=torch.tensor([0.1, 0.9]))
+    assert bool((per_dim[..., 0] >= -0.2).all() and (per_dim[..., 0] <= 0.1).all())
     same, trace0 = refine(trained_head, context, start, steps=0)
     assert trace0.shape == (1, 8) and torch.equal(same, start.clamp(-1, 1))
 
@@ -140,67 +145,60 @@ def test_refine_under_no_grad_with_masks(trained_head):
     "kwargs, match",
     [
         ({"steps": -1}, "steps=-1"),
-        ({"step_size": 0.0}, "step_size=0.0"),
-        ({"max_step": -0.1}, "max_step=-0.1"),
+        ({"step_sizes": ()}, r"step_sizes=\(\)"),
+        ({"step_sizes": (0.1, 0.0)}, "step sizes > 0"),
+        ({"low": 1.0, "high": -1.0}, "the bounds are empty"),
     ],
 )
 def test_refine_errors(trained_head, kwargs, match):
     context, chunks = toy_task(2, torch.Generator().manual_seed(6))
     with pytest.raises(ValueError, match=match):
         refine(trained_head, context, chunks, **kwargs)
-    with pytest.raises(ValueError, match=r"actions has shape \(1, 4, 2\), expected \(B=2, H, Da\)"):
+    with pytest.raises(ValueError, match=r"actions has shape \(1, 1, 4, 2\), expected \(B=2, K, H, Da\)"):
         refine(trained_head, context, chunks[:1])
 
 
-def test_propose_candidates_shapes_types_bounds():
+def test_gaussian_candidates_shapes_bounds_and_seeds():
     policy = torch.rand(3, H, DA) * 2.4 - 1.2  # partly out of [-1, 1]
-    layers = [torch.rand(3, H, DA) * 3 - 1.5, torch.rand(3, H, DA)]
-    cands, types = propose_candidates(policy, layers, num_samples=5, sigma=0.5,
-                                      generator=torch.Generator().manual_seed(0))
-    assert cands.shape == (3, 8, H, DA)
-    assert types == ["policy", "layer0", "layer1"] + [f"perturb{k}" for k in range(5)]
+    cands = gaussian_candidates(policy, 6, sigma=0.5, generator=torch.Generator().manual_seed(0))
+    assert cands.shape == (3, 6, H, DA)
     assert bool((cands >= -1).all() and (cands <= 1).all())
     assert torch.equal(cands[:, 0], policy.clamp(-1, 1))
-    assert torch.equal(cands[:, 1], layers[0].clamp(-1, 1)) and torch.equal(cands[:, 2], layers[1])
-    assert not torch.equal(cands[:, 3], cands[:, 4]), "perturbations should differ"
-
-    narrow, _ = propose_candidates(policy, num_samples=4, sigma=1.0, low=-0.2, high=0.3)
+    assert not torch.equal(cands[:, 1], cands[:, 2]), "perturbations should differ"
+    narrow = gaussian_candidates(policy, 5, sigma=1.0, low=-0.2, high=0.3)
     assert narrow.shape == (3, 5, H, DA) and bool((narrow >= -0.2).all() and (narrow <= 0.3).all())
-    exact, types = propose_candidates(policy, num_samples=2, sigma=0.0)
-    assert types == ["policy", "perturb0", "perturb1"]
-    assert torch.equal(exact[:, 1], exact[:, 0]) and torch.equal(exact[:, 2], exact[:, 0])
-    alone, types = propose_candidates(policy, num_samples=0)
-    assert alone.shape == (3, 1, H, DA) and types == ["policy"]
+    exact = gaussian_candidates(policy, 3, sigma=0.0, low=None, high=None)
+    assert torch.equal(exact[:, 1], policy) and torch.equal(exact[:, 2], policy)
+    assert gaussian_candidates(policy, 1).shape == (3, 1, H, DA)
+    a, b, c = (gaussian_candidates(policy, 6, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_propose_candidates_accepts_stacked_layers():
-    # plugin.predict_actions gives a list; a stacked [L,B,H,Da] tensor is the same L predictions.
+def test_layer_and_retrieval_candidates_start_with_the_policy():
     policy, layers = torch.rand(2, H, DA), torch.rand(3, 2, H, DA) * 2 - 1
-    cands, types = propose_candidates(policy, layers, num_samples=1)
-    assert types == ["policy", "layer0", "layer1", "layer2", "perturb0"]
-    assert torch.equal(cands[:, 1:4], layers.transpose(0, 1))
-
-
-def test_propose_candidates_seeded():
-    policy = torch.rand(2, H, DA) - 0.5
-    a, _ = propose_candidates(policy, num_samples=6, generator=torch.Generator().manual_seed(7))
-    b, _ = propose_candidates(policy, num_samples=6, generator=torch.Generator().manual_seed(7))
-    c, _ = propose_candidates(policy, num_samples=6, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    cands = make_candidates("layers", policy, 16, layer_actions=list(layers))
+    assert cands.shape == (2, 3, H, DA)  # the policy + every layer but the last (the policy's own)
+    assert torch.equal(cands[:, 0], policy) and torch.equal(cands[:, 1:], layers[:2].transpose(0, 1))
+    assert torch.equal(layer_candidates(policy, list(layers)), cands)
+    chunks = torch.rand(10, H, DA)
+    chunks[4] = policy[0] + 0.001
+    near = make_candidates("retrieval", policy, 4, chunks=chunks)
+    assert near.shape == (2, 4, H, DA) and torch.equal(near[0, 1], chunks[4])
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda p: propose_candidates(p[0]), r"policy has shape \(4, 2\), expected \(B, H, Da\)"),
-        (lambda p: propose_candidates(p, [p[:1]]), r"layer_actions\[0\] has shape \(1, 4, 2\), expected \(B=2, H=4, Da=2\)"),
-        (lambda p: propose_candidates(p, [p, p[:, :3]]), r"layer_actions\[1\] has shape \(2, 3, 2\)"),
-        (lambda p: propose_candidates(p, num_samples=-1), "num_samples=-1"),
-        (lambda p: propose_candidates(p, sigma=-0.1), "sigma=-0.1"),
-        (lambda p: propose_candidates(p.long()), "policy has dtype torch.int64"),
+        (lambda p: gaussian_candidates(p[0], 4), r"policy has shape \(4, 2\), expected \(B, H, Da\)"),
+        (lambda p: layer_candidates(p, [p[:1]]), r"layer_actions\[0\] has shape \(1, 4, 2\), expected \(B=2, H=4, Da=2\)"),
+        (lambda p: gaussian_candidates(p, 0), "num_samples=0"),
+        (lambda p: gaussian_candidates(p, 4, sigma=-0.1), "sigma=-0.1"),
+        (lambda p: gaussian_candidates(p.long(), 4), "policy has dtype torch.int64"),
+        (lambda p: make_candidates("retrieval", p, 4), "needs the training chunks"),
+        (lambda p: make_candidates("layers", p, 4), "needs the policy's layer-wise predictions"),
+        (lambda p: make_candidates("nearest", p, 4), "expected one of"),
     ],
 )
-def test_propose_candidates_errors(call, match):
+def test_candidate_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.rand(2, H, DA))

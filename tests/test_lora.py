@@ -11,9 +11,11 @@ from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
 from vla_energy.backbones.action_token import add_action_token
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import VISION_MODULES_PATTERN, LoraArguments, apply_lora
-from vla_energy.inference.serialization import save_policy
-from vla_energy.testing.checkpoints import TINY_FAMILIES, ensure_tiny_checkpoint
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
+from vla_energy.backbones.tiny import TINY_FAMILIES, ensure_tiny_checkpoint
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import save_policy
 
 VISION_NAMES = ("vision_tower.", "vision_model.", "visual.")
 
@@ -52,7 +54,8 @@ def test_merged_export_equals_the_adapter_model(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     plugin = EnergyPlugin(EnergyArguments(energy_hidden_dim=32, action_head_dim=32), 64, 3, 4, loaded.action_token_id)
-    out = save_policy(tmp_path / "policy", backbone, plugin, None, loaded, merge_lora=True)
+    out = save_policy(tmp_path / "policy", EnergyVLAModel(backbone, plugin), loaded.processor, base=loaded.name,
+                      merge_lora=True)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged").eval()
     assert not any("lora_" in n for n, _ in merged.named_parameters())

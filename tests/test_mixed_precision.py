@@ -101,7 +101,7 @@ def test_refine_under_bf16_autocast_still_descends_in_bounds():
     head, context, mask, cands = _example()
     start = cands[:, 0] * 1.5  # partly out of bounds
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        refined, trace = refine(head, context, start, steps=5, step_size=0.1, context_mask=mask)
+        refined, trace = refine(head, context, start, steps=5, step_sizes=(0.1,), context_mask=mask)
     assert trace.dtype == torch.float32 and trace.shape == (6, B)
     assert bool((trace[1:] <= trace[:-1]).all())
     assert bool((refined >= -1).all() and (refined <= 1).all())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from vla_energy.evaluation.metrics import spread_indices
+from vla_energy.data.split import spread_indices
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel, EnergyVLAOutput
 from vla_energy.training.trainer import EnergyTrainer

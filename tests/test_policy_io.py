@@ -19,16 +19,18 @@ from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data.normalization import NormStats
+from vla_energy.inference.candidates import gaussian_candidates
 from vla_energy.inference.policy import EnergyPolicy, candidate_bounds
-from vla_energy.inference.rerank import propose_candidates
-from vla_energy.inference.serialization import checkpoint_policy_writer, save_policy
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import checkpoint_policy_writer, save_policy
 from vla_energy.training.checkpoints import (
     find_resume_checkpoint,
     register_checkpoint_hooks,
     save_checkpoint,
     trainable_keys,
 )
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 from vla_energy.training.preflight import check_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +45,12 @@ def _model(lora_r: int = 4, seed: int = 0):
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=lora_r))
     plugin = EnergyPlugin(EnergyArguments(energy_hidden_dim=32, action_head_dim=32), hidden_size_of(loaded.model), DA,
                           H, loaded.action_token_id)
-    return loaded, backbone, plugin
+    return loaded, EnergyVLAModel(backbone, plugin)
+
+
+def _save(out, loaded, model, **kwargs):
+    """The policy directory of `model` (the tiny base referred to by its name)."""
+    return save_policy(out, model, loaded.processor, STATS, base=loaded.name, **kwargs)
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -54,48 +61,47 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
 def _prepare(lora_r: int = 4, seed: int = 0):
     accelerator = Accelerator(cpu=True)
     register_checkpoint_hooks(accelerator)
-    loaded, backbone, plugin = _model(lora_r, seed)
-    params = [p for m in (backbone, plugin.action_head, plugin.energy_head) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    backbone, plugin.action_head, plugin.energy_head, optimizer = accelerator.prepare(
-        backbone, plugin.action_head, plugin.energy_head, optimizer)
-    return accelerator, loaded, backbone, plugin, optimizer
+    loaded, model = _model(lora_r, seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, loaded, model, optimizer
 
 
-def _train_step(backbone, plugin, optimizer) -> None:
+def _train_step(model, optimizer) -> None:
     """One step that moves every trainable parameter."""
-    loss = sum((p.float() ** 2).sum() for m in (backbone, plugin.action_head, plugin.energy_head)
-               for p in m.parameters() if p.requires_grad)
+    loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
 
 
 def test_checkpoint_holds_trainable_state_resumes_and_loads_as_a_policy(tmp_path):
-    accelerator, loaded, backbone, plugin, optimizer = _prepare()
-    _train_step(backbone, plugin, optimizer)
+    accelerator, loaded, model, optimizer = _prepare()
+    _train_step(model, optimizer)
     run = tmp_path / "run"
     run.mkdir()
     (run / "run_config.json").write_text(json.dumps({"DataConfig": {"dataset": "synthetic", "image_key": None}}))
-    writer = checkpoint_policy_writer(run, backbone, plugin, STATS, loaded)
+    writer = checkpoint_policy_writer(model, processor=loaded.processor, norm_stats=STATS, base=loaded.name,
+                                      run_config=run / "run_config.json")
     ckpt = save_checkpoint(accelerator, run / "checkpoints" / "step_0000001", 1, policy_writer=writer)
 
-    # The backbone's file holds its LoRA weights and buffers only, not one frozen weight.
+    # The model's file holds the backbone's LoRA weights, the plugin's heads and buffers only, not one frozen weight.
     saved = load_file(str(ckpt / "model.safetensors"))
-    lora = {k for k, p in backbone.named_parameters() if p.requires_grad}
-    assert lora and lora <= set(saved) <= trainable_keys(backbone)
-    assert not [k for k in saved if "lora_" not in k and k in dict(backbone.named_parameters())]
-    full = sum(v.numel() for v in backbone.state_dict().values())
-    assert sum(v.numel() for v in saved.values()) < 0.2 * full
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    lora = {k for k in trained if k.startswith("backbone.")}
+    assert lora and trained <= set(saved) <= trainable_keys(model)
+    assert not [k for k in saved if "lora_" not in k and k.startswith("backbone.") and k in dict(model.named_parameters())]
+    full = sum(v.numel() for v in model.backbone.state_dict().values())
+    assert sum(v.numel() for k, v in saved.items() if k.startswith("backbone.")) < 0.2 * full
     # The frozen base is referred to by name, not copied into the checkpoint.
     assert not (ckpt / "backbone").exists() and not (ckpt / "merged").exists()
     assert json.loads((ckpt / "policy_config.json").read_text())["backbone"] == "tiny-llava"
 
     # Resume into a freshly built model (frozen base rebuilt from the base checkpoint): every weight comes back.
-    accelerator2, _, backbone2, plugin2, optimizer2 = _prepare(seed=1)
+    accelerator2, _, model2, optimizer2 = _prepare(seed=1)
     accelerator2.load_state(str(ckpt))
-    for a, b in ((backbone, backbone2), (plugin.action_head, plugin2.action_head),
-                 (plugin.energy_head, plugin2.energy_head)):
+    for a, b in ((model.backbone, model2.backbone), (model.plugin.action_head, model2.plugin.action_head),
+                 (model.plugin.energy_head, model2.plugin.energy_head)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
@@ -103,15 +109,14 @@ def test_checkpoint_holds_trainable_state_resumes_and_loads_as_a_policy(tmp_path
     # The checkpoint is a policy: same chunks as the in-memory model.
     policy = EnergyPolicy.from_pretrained(ckpt)
     images, texts = _images(3), ["go left", "go right", "stop"]
-    for m in (backbone, plugin.action_head, plugin.energy_head):
-        m.eval()
-    reference = EnergyPolicy(dataclasses.replace(policy.loaded, backbone=backbone, plugin=plugin), "cpu")
+    model.eval()
+    reference = EnergyPolicy(dataclasses.replace(policy.loaded, model=model), "cpu")
     expected = reference.predict(images, texts, normalized=True)
     assert np.allclose(EnergyPolicy.from_pretrained(ckpt).predict(images, texts, normalized=True), expected, atol=1e-5)
 
 
 def test_load_state_refuses_a_checkpoint_of_other_lora_options(tmp_path):
-    accelerator, loaded, backbone, plugin, optimizer = _prepare(lora_r=4)
+    accelerator, loaded, model, optimizer = _prepare(lora_r=4)
     ckpt = save_checkpoint(accelerator, tmp_path / "step_0000001", 1)
     other, *_ = _prepare(lora_r=2)
     with pytest.raises(ValueError, match="does not fit prepared model 0 .* other LoRA / use_lora options"):
@@ -119,16 +124,16 @@ def test_load_state_refuses_a_checkpoint_of_other_lora_options(tmp_path):
 
 
 def test_policy_dir_is_self_contained_and_loads_in_bfloat16(tmp_path):
-    loaded, backbone, plugin = _model()
+    loaded, model = _model()
     run_config = tmp_path / "run_config.json"
     run_config.write_text(json.dumps({"DataConfig": {"dataset": "org/data", "image_key": "observation.images.top",
                                                      "normalization": "mean_std"}}))
-    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, run_config=run_config)
+    out = _save(tmp_path / "policy", loaded, model, run_config=run_config)
     names = {p.name for p in out.iterdir()}
-    assert {"policy_config.json", "processor", "adapter", "action_head", "energy_head", "norm_stats.json",
+    assert {"policy_config.json", "processor", "adapter", "plugin.safetensors", "norm_stats.json",
             "run_config.json", "README.md"} <= names
     info = json.loads((out / "policy_config.json").read_text())
-    assert info["processor"] == "processor" and info["dtype"] == "float32" and info["format_version"] == 2
+    assert info["processor"] == "processor" and info["dtype"] == "float32" and info["format_version"] == 3
     card = (out / "README.md").read_text()
     assert "datasets:\n- org/data" in card and "normalization `mean_std`" in card
 
@@ -144,8 +149,8 @@ def test_policy_dir_is_self_contained_and_loads_in_bfloat16(tmp_path):
 
 
 def test_select_action_queue_and_observation_formats(tmp_path):
-    loaded, backbone, plugin = _model()
-    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded)
+    loaded, model = _model()
+    out = _save(tmp_path / "policy", loaded, model)
     policy = EnergyPolicy.from_pretrained(out, n_action_steps=2)
     image = _images(1)[0]
     pil = {"observation.images.top": Image.fromarray(image), "task": "go"}
@@ -169,7 +174,7 @@ def test_select_action_queue_and_observation_formats(tmp_path):
     assert step.shape == (2, DA) and torch.allclose(step[1], chunk[0], atol=1e-5)
     with pytest.raises(ValueError, match="has no 'task'"):
         policy.predict_action_chunk({"observation.images.top": image})
-    with pytest.raises(ValueError, match="has cameras"):
+    with pytest.raises(ValueError, match="has the cameras"):
         policy.predict_action_chunk({"observation.images.a": image, "observation.images.b": image, "task": "go"})
     with pytest.raises(ValueError, match="n_action_steps=9"):
         EnergyPolicy.from_pretrained(out, n_action_steps=9)
@@ -184,10 +189,9 @@ def test_candidate_bounds_follow_the_normalization_mode():
     none = NormStats(**{**STATS.to_dict(), "mode": "none"})
     assert torch.equal(candidate_bounds(none)[1], torch.tensor([3.0, 7.0, 11.0]))
     policy = torch.full((2, H, DA), 2.5)
-    cands, _ = propose_candidates(policy, num_samples=8, sigma=1.0, low=low, high=high,
-                                  generator=torch.Generator().manual_seed(0))
+    cands = gaussian_candidates(policy, 9, sigma=1.0, generator=torch.Generator().manual_seed(0), low=low, high=high)
     assert (cands >= low).all() and (cands <= high).all() and (cands > 1.0).any()  # not clamped to [-1, 1]
-    free, _ = propose_candidates(policy, num_samples=2, low=None, high=None)
+    free = gaussian_candidates(policy, 3, low=None, high=None)
     assert torch.equal(free[:, 0], policy)
 
 
@@ -216,8 +220,8 @@ def test_heads_load_through_the_auto_classes(tmp_path):
 
     from vla_energy.modeling import ActionHead, EnergyHead
 
-    _, _, plugin = _model()
-    for head, cls in ((plugin.action_head, ActionHead), (plugin.energy_head, EnergyHead)):
+    _, model = _model()
+    for head, cls in ((model.plugin.action_head, ActionHead), (model.plugin.energy_head, EnergyHead)):
         head.save_pretrained(tmp_path / cls.__name__)
         loaded = AutoModel.from_pretrained(tmp_path / cls.__name__)
         assert type(loaded) is cls and type(AutoConfig.from_pretrained(tmp_path / cls.__name__)) is cls.config_class
@@ -250,9 +254,9 @@ def test_missing_extras_name_what_to_install(tmp_path):
 
 
 def test_retrieval_candidates_and_energy_weighted_mean(tmp_path):
-    loaded, backbone, plugin = _model()
+    loaded, model = _model()
     chunks = torch.rand(40, H, DA, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, retrieval_chunks=chunks)
+    out = _save(tmp_path / "policy", loaded, model, retrieval_chunks=chunks)
     assert json.loads((out / "policy_config.json").read_text())["retrieval_chunks"] == 40
     policy = EnergyPolicy.from_pretrained(out)
     assert torch.equal(policy.loaded.retrieval_chunks, chunks)
@@ -275,22 +279,22 @@ def test_retrieval_candidates_and_energy_weighted_mean(tmp_path):
     assert step.shape == (H, DA) and torch.isfinite(step).all()
     with pytest.raises(ValueError, match="candidates='nearest'"):
         policy.predict(images, texts, mode="mean", candidates="nearest")
-    bare = EnergyPolicy.from_pretrained(save_policy(tmp_path / "bare", backbone, plugin, STATS, loaded))
+    bare = EnergyPolicy.from_pretrained(_save(tmp_path / "bare", loaded, model))
     with pytest.raises(ValueError, match="needs the training chunks saved with the policy"):
         bare.predict(images, texts, mode="rerank", candidates="retrieval")
 
 
 def test_add_retrieval_chunks_to_a_policy_saved_without_them(tmp_path, monkeypatch):
     from vla_energy.data.arguments import DataConfig
-    from vla_energy.inference.serialization import add_retrieval_chunks
+    from vla_energy.training.retrieval_chunks import add_retrieval_chunks
 
-    loaded, backbone, plugin = _model()
+    loaded, model = _model()
     cfg = DataConfig(dataset="synthetic", num_episodes=6, horizon=H, min_episode_length=4, max_episode_length=6,
                      val_fraction=0.34)
     run_config = tmp_path / "run_config.json"
     run_config.write_text(json.dumps({cls: {} for cls in ("ModelArguments", "LoraArguments", "EnergyArguments",
                                                           "TrainArguments")} | {"DataConfig": dataclasses.asdict(cfg)}))
-    out = save_policy(tmp_path / "policy", backbone, plugin, STATS, loaded, run_config=run_config)
+    out = _save(tmp_path / "policy", loaded, model, run_config=run_config)
     assert EnergyPolicy.from_pretrained(out).loaded.retrieval_chunks is None
     monkeypatch.chdir(tmp_path)  # a relative synthetic cache is written here
     count = add_retrieval_chunks(out, count=7, progress=False)

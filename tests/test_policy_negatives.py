@@ -47,8 +47,8 @@ def test_policy_negatives_mask_a_right_policy_and_scale_noise():
 
 def test_plugin_adds_policy_negatives_and_saves_the_running_error():
     from vla_energy.backbones.readout import BackboneReadout
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.training.arguments import EnergyArguments
-    from vla_energy.training.plugin import EnergyPlugin
 
     torch.manual_seed(0)
     args = EnergyArguments(strategy="layer", num_negatives=3, policy_error_negatives=2, policy_negative=True,
@@ -62,6 +62,6 @@ def test_plugin_adds_policy_negatives_and_saves_the_running_error():
     assert torch.isfinite(loss)
     assert stats["num_negatives/policy"] == 1 and stats["num_negatives/policy_error_noise"] == 2
     assert stats["num_negatives"] == 6
-    state = plugin.state_dict()
+    state = plugin.loss_state_dict()
     assert torch.allclose(state["policy_error"]["scale"],
                           (policy.detach() - actions).square().mean(dim=0).sqrt(), atol=1e-6)

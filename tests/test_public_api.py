@@ -98,7 +98,7 @@ def test_vla_energy_train_and_accelerate_launch_module(tmp_path):
     """The ways a pip user trains: `vla-energy train` (1 process, and 2 through accelerate) and `-m` directly."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache")}
     out = ["--output_dir", str(tmp_path / "runs")]
-    cli = [sys.executable, "-m", "vla_energy.evaluation.cli", "train"]
+    cli = [sys.executable, "-m", "vla_energy.cli", "train"]
     one = subprocess.run([*cli, *SMALL, *out, "--run_name", "one"], env=env, capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -111,4 +111,4 @@ def test_vla_energy_train_and_accelerate_launch_module(tmp_path):
 
     assert json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())["world_size"] == 2
     assert [p.name for p in (tmp_path / "runs" / "two" / "checkpoints").iterdir()] == ["step_0000002"]
-    assert (tmp_path / "runs" / "one" / "model" / "energy_head" / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "one" / "model" / "plugin.safetensors").exists()

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 from transformers.utils import logging as hf_logging
 
 from vla_energy.backbones.action_token import add_action_token
-from vla_energy.testing.checkpoints import TINY_FAMILIES, build_tiny_checkpoint, ensure_tiny_checkpoint
+from vla_energy.backbones.tiny import TINY_FAMILIES, build_tiny_checkpoint, ensure_tiny_checkpoint
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 QWEN = ("qwen2_vl", "qwen2_5_vl")

@@ -47,7 +47,7 @@ def test_two_processes_end_to_end_and_resume(tmp_path):
     assert metrics["negatives_per_positive"] >= 15
     for name in ("report.md", "loss.png", "accuracy.png", "energy_hist.png", "run_config.json"):
         assert (run / name).exists(), name
-    assert (run / "model" / "energy_head" / "model.safetensors").exists()
+    assert (run / "model" / "plugin.safetensors").exists()
     ckpt = run / "checkpoints" / "step_0000002"
     assert (ckpt / "checkpoint_complete.json").exists()
     # Our own state is safetensors + JSON; nothing of ours is pickled (accelerate's custom_checkpoint_*.pkl).
@@ -69,9 +69,9 @@ def _check_evaluate_and_policy(run, tmp_path):
     import numpy as np
     import torch
 
+    from vla_energy.cli import main as cli_main
     from vla_energy.data import build_datasets
-    from vla_energy.evaluation.cli import main as cli_main
-    from vla_energy.evaluation.metrics import spread_indices
+    from vla_energy.data.split import spread_indices
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.training.arguments import load_run_config
 
@@ -191,10 +191,12 @@ def test_init_from_a_saved_policy(tmp_path):
     frozen = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "frozen", "--max_steps", "2", "--init_from",
                       str(runs / "a" / "model"), "--use_lora", "false"], tmp_path, 29648)
     assert frozen.returncode == 0, frozen.stdout[-3000:] + frozen.stderr[-3000:]
-    for part, moved in (("adapter/adapter_model.safetensors", False), ("action_token_embedding.safetensors", False),
-                        ("action_head/model.safetensors", True)):
-        before, after = (load_file(str(runs / run / "model" / part)) for run in ("a", "frozen"))
-        assert before.keys() == after.keys()
+    for part, prefix, moved in (("adapter/adapter_model.safetensors", "", False),
+                                ("action_token_embedding.safetensors", "", False),
+                                ("plugin.safetensors", "action_head.", True)):
+        before, after = ({k: v for k, v in load_file(str(runs / run / "model" / part)).items() if k.startswith(prefix)}
+                         for run in ("a", "frozen"))
+        assert before and before.keys() == after.keys()
         changed = any(not torch.equal(before[k], after[k]) for k in before)
         assert changed == moved, part
 

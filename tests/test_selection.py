@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
+from vla_energy.evaluation.intervals import bootstrap_interval
 from vla_energy.evaluation.metrics import EvalResult, metrics_by_negative_type, ranking_metrics
 from vla_energy.evaluation.selection import (
     SELECTIONS,
     choose,
     l1_sums,
-    mean_interval,
     plot_selection,
     selection_metrics,
 )
 from vla_energy.inference.candidates import leave_one_group_out_error, retrieve_nearest
-from vla_energy.inference.rerank import energy_weighted_mean, refine_line_search
+from vla_energy.inference.rerank import energy_weighted_mean, refine
 
 H, DA, D, L = 4, 2, 8, 3
 
@@ -71,17 +71,17 @@ def test_line_search_never_increases_energy_and_moves_downhill():
     head, result = _head(), _result(8)
     ctx = torch.stack([c[:3] for c in result.contexts])
     start = torch.stack(result.policy)
-    refined, trace = refine_line_search(head, ctx, start, steps=6)
+    refined, trace = refine(head, ctx, start, steps=6)
     assert trace.shape == (7, 8)
     assert bool((trace[1:] <= trace[:-1]).all())
     assert float(trace[-1].sum()) < float(trace[0].sum())
     torch.testing.assert_close(trace[-1], head(ctx, refined))
-    multi, trace_k = refine_line_search(head, ctx, torch.stack([start, start.flip(1)], dim=1), steps=3,
-                                        action_mask=torch.stack(result.action_mask))
+    multi, trace_k = refine(head, ctx, torch.stack([start, start.flip(1)], dim=1), steps=3,
+                            action_mask=torch.stack(result.action_mask))
     assert multi.shape == (8, 2, H, DA) and bool((trace_k[1:] <= trace_k[:-1]).all())
     assert bool((multi.abs() <= 1).all())
     with pytest.raises(ValueError, match="step_sizes"):
-        refine_line_search(head, ctx, start, step_sizes=())
+        refine(head, ctx, start, step_sizes=())
 
 
 def test_baselines_definitions_on_toy_head():
@@ -125,9 +125,9 @@ def test_choose_and_l1_sums_by_hand(tmp_path):
     assert l1.flatten().tolist() == pytest.approx([0.8, 4.0, 0.8, 0.8, 2.0, 0.8])
     picks = choose(torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), l1, torch.Generator().manual_seed(0))
     assert picks["rerank"].tolist() == [1, 0] and picks["worst"].tolist() == [1, 1]
-    mean, lo, hi = mean_interval(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]), 500, 0)
+    mean, lo, hi = bootstrap_interval(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]), 500, 0)
     assert mean == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
-    assert mean_interval(torch.full((5,), 2.0), torch.ones(5)) == (2.0, 2.0, 2.0)
+    assert bootstrap_interval(torch.full((5,), 2.0), torch.ones(5)) == (2.0, 2.0, 2.0)
     table = {"policy": {"policy": (1.0, 0.9, 1.1)}, "x": {s: (1.0, 0.9, 1.1) for s in SELECTIONS}}
     assert plot_selection(tmp_path / "s.png", table, "t").stat().st_size > 0
 
@@ -164,7 +164,8 @@ def test_recipe_and_cli_evaluation_paths_agree_on_a_real_model(tmp_path):
     )
     from vla_energy.backbones.loading import load_backbone
     from vla_energy.backbones.readout import hidden_size_of
-    from vla_energy.evaluation.metrics import collect_eval_outputs, spread_indices
+    from vla_energy.data.split import spread_indices
+    from vla_energy.evaluation.metrics import collect_eval_outputs
     from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 
     torch.manual_seed(0)
@@ -181,8 +182,7 @@ def test_recipe_and_cli_evaluation_paths_agree_on_a_real_model(tmp_path):
         for batch in DataLoader(RankingDataset(rows, 8, seed=0), batch_size=16, collate_fn=RankingCollator(collator)):
             out = model(**batch)
             tally.add(out.ranking_energies, batch["candidate_actions"], batch["candidate_mask"], out.policy)
-        result = collect_eval_outputs(loaded.model, plugin, DataLoader(rows, batch_size=16, collate_fn=collator),
-                                      progress=False)
+        result = collect_eval_outputs(model, DataLoader(rows, batch_size=16, collate_fn=collator), progress=False)
     recipe = tally.metrics()
     cli = ranking_metrics(plugin.energy_head, result, num_negatives=8, seed=0, false_negative_eps=1e-2)
     assert bool((torch.stack(result.action_mask) == 0).any())  # padded steps past an episode's end are present

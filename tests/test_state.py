@@ -16,14 +16,15 @@ from vla_energy.backbones.action_token import add_state_token
 from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import backbone_forward, hidden_size_of
+from vla_energy.backbones.tiny import processor_unavailable
 from vla_energy.data.collator import VLACollator
 from vla_energy.data.normalization import NormStats
 from vla_energy.inference.policy import EnergyPolicy
-from vla_energy.inference.serialization import LoadedPolicy, save_policy
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+from vla_energy.modeling.serialization import LoadedPolicy, save_policy
 from vla_energy.modeling.state_projector import inject_state_embedding
-from vla_energy.testing.checkpoints import processor_unavailable
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 
 ROOT = Path(__file__).resolve().parents[1]
 H, DA, DS, B = 4, 3, 4, 3
@@ -94,9 +95,9 @@ def test_gradient_reaches_the_projector_and_the_energy_context_gets_one_token():
     model.plugin.setup(_accelerator(), B)
     batch = collator(_examples())
     model(**batch).loss.backward()
-    grads = [p.grad for p in model.state_projector.parameters()]
+    grads = [p.grad for p in model.plugin.state_projector.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    assert any(p is model.state_projector.fc1.weight for p in model.policy_parameters())  # in the policy group
+    assert any(p is model.plugin.state_projector.fc1.weight for p in model.policy_parameters())  # in the policy group
     # The energy context: one more, real token holding the projected state (switchable).
     with torch.no_grad():
         emb = model.plugin.project_state(batch)
@@ -135,9 +136,10 @@ def test_policy_round_trip_normalizes_the_state_and_predicts_the_same(tmp_path):
     loaded, model, _ = _model()
     model.eval()
     info = {"action_token": loaded.action_token, "state_token": "<|state|>"}
-    in_memory = EnergyPolicy(LoadedPolicy(model.backbone, loaded.processor, model.plugin, STATS, info))
-    save_policy(tmp_path / "model", model.backbone, model.plugin, STATS, loaded)
-    assert (tmp_path / "model" / "state_projector" / "model.safetensors").exists()
+    in_memory = EnergyPolicy(LoadedPolicy(model, loaded.processor, STATS, info))
+    save_policy(tmp_path / "model", model, loaded.processor, STATS, base=loaded.name)
+    saved = load_file(str(tmp_path / "model" / "plugin.safetensors"))
+    assert {"state_projector.fc1.weight", "state_projector.fc2.weight"} <= set(saved)
     policy = EnergyPolicy.from_pretrained(tmp_path / "model")
     assert policy.uses_state
     rng = np.random.RandomState(0)
@@ -174,10 +176,13 @@ def test_recipe_with_state_end_to_end(tmp_path):
     info = json.loads((run / "model" / "policy_config.json").read_text())
     assert info["state_token"] == "<|state|>" and info["plugin"]["state_token_id"] == info["state_token_id"]
     ckpt = run / "checkpoints" / "step_0000002"
-    assert {k for k in load_file(str(ckpt / "model.safetensors")) if k.startswith("state_projector.")} == {
+    assert {k for k in load_file(str(ckpt / "model.safetensors")) if k.startswith("plugin.state_projector.")} == {
+        "plugin.state_projector.fc1.weight", "plugin.state_projector.fc1.bias", "plugin.state_projector.fc2.weight",
+        "plugin.state_projector.fc2.bias"}
+    assert {k for k in load_file(str(ckpt / "plugin.safetensors")) if k.startswith("state_projector.")} == {
         "state_projector.fc1.weight", "state_projector.fc1.bias", "state_projector.fc2.weight",
         "state_projector.fc2.bias"}
-    assert (ckpt / "state_projector" / "config.json").exists()
+    assert json.loads((ckpt / "policy_config.json").read_text())["plugin"]["state_dim"] == 4
     stats = NormStats.load(run / "model" / "norm_stats.json")
     assert stats.state is not None and stats.state.action_dim == 4  # goal_offset: (x, y, ox, oy)
     policy = EnergyPolicy.from_pretrained(run)
@@ -193,8 +198,7 @@ def test_recipe_with_state_end_to_end(tmp_path):
     _, val_ds, _ = build_datasets(data_cfg, progress=False)
     collator = VLACollator(policy.loaded.processor, horizon=4, action_token=policy.loaded.info["action_token"],
                            state_token=policy.loaded.info.get("state_token"))
-    result = collect_eval_outputs(policy.loaded.backbone, policy.plugin, [collator([val_ds[i] for i in range(4)])],
-                                  progress=False)
+    result = collect_eval_outputs(policy.loaded.model, [collator([val_ds[i] for i in range(4)])], progress=False)
     # The same chunk as EnergyPolicy gives for that sample's raw state, and one more context token (the state).
     row = val_ds[0]
     obs = {"observation.image": row["image"], "task": row["instruction"],

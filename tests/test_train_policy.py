@@ -66,7 +66,8 @@ def test_no_validation_split_trains_requeues_and_checkpoints_load_as_policies(tm
     saved = load_file(str(ckpt / "model.safetensors"))
     backbone_keys = [k for k in saved if k.startswith("backbone.")]
     assert backbone_keys and all("lora_" in k for k in backbone_keys)
-    assert {k.split(".")[0] for k in saved} == {"backbone", "action_head", "energy_head"}
+    assert {k.split(".")[0] for k in saved} == {"backbone", "plugin"}
+    assert {k.split(".")[1] for k in saved if k.startswith("plugin.")} == {"action_head", "energy_head"}
     assert not (ckpt / "backbone").exists() and not (runs / "noval" / "base").exists()
 
 

@@ -47,7 +47,8 @@ def test_trainer_trains_logs_checkpoints_and_resumes(tmp_path):
 
     saved = load_file(str(ckpt / "model.safetensors"))
     frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
-    assert any(k.startswith("energy_head.") for k in saved) and any(k.startswith("action_head.") for k in saved)
+    assert any(k.startswith("plugin.energy_head.") for k in saved)
+    assert any(k.startswith("plugin.action_head.") for k in saved)
     assert frozen and not frozen & set(saved)
     assert (ckpt / f"{PLUGIN_STATE}.safetensors").exists()
     assert len(plugin.bank) == 6  # two optimizer steps of 3 gathered chunks
@@ -120,8 +121,8 @@ def test_peft_wrapped_model_with_modules_to_save(tmp_path):
                         modules_to_save=["action_head", "energy_head"])
     model = get_peft_model(EnergyVLAModel(backbone, plugin), config)
     base = model.get_base_model()
-    original = {k: v.clone() for k, v in base.energy_head.original_module.state_dict().items()}
-    copy = {k: v.clone() for k, v in base.energy_head.modules_to_save["default"].state_dict().items()}
+    original = {k: v.clone() for k, v in base.plugin.energy_head.original_module.state_dict().items()}
+    copy = {k: v.clone() for k, v in base.plugin.energy_head.modules_to_save["default"].state_dict().items()}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert lora
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=2,
@@ -133,11 +134,11 @@ def test_peft_wrapped_model_with_modules_to_save(tmp_path):
     assert energy_group and all("energy_head.modules_to_save" in n for n in energy_group)
     trainer.train()
     # The trained copy moved and is what the plugin used; the original stayed; LoRA moved.
-    trained = base.energy_head.modules_to_save["default"].state_dict()
+    trained = base.plugin.energy_head.modules_to_save["default"].state_dict()
     assert any(not torch.equal(copy[k], v) for k, v in trained.items())
-    assert all(torch.equal(original[k], v) for k, v in base.energy_head.original_module.state_dict().items())
+    assert all(torch.equal(original[k], v) for k, v in base.plugin.energy_head.original_module.state_dict().items())
     assert any(not torch.equal(lora[n], p) for n, p in model.named_parameters() if n in lora)
-    assert plugin.energy_head is base.energy_head
+    assert plugin.energy_head is base.plugin.energy_head and plugin is base.plugin
     assert any("energy/acc" in h for h in trainer.state.log_history)
 
     model.save_pretrained(tmp_path / "adapter")
@@ -145,7 +146,7 @@ def test_peft_wrapped_model_with_modules_to_save(tmp_path):
     assert any("energy_head" in k for k in saved) and any("action_head" in k for k in saved)
     _, _, backbone2, plugin2, _ = trainer_check.build(str(cache), strategy="combined", l1_loss_weight=1.0)
     reloaded = PeftModel.from_pretrained(EnergyVLAModel(backbone2, plugin2), tmp_path / "adapter")
-    again = reloaded.get_base_model().energy_head.modules_to_save["default"].state_dict()
+    again = reloaded.get_base_model().plugin.energy_head.modules_to_save["default"].state_dict()
     assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 

@@ -21,8 +21,9 @@ from vla_energy.backbones.lora import LoraArguments, apply_lora
 from vla_energy.backbones.readout import backbone_inputs, hidden_size_of
 from vla_energy.data import DataConfig, VLACollator, build_datasets
 from vla_energy.losses.infonce import inbatch_infonce_loss
+from vla_energy.modeling.configuration_energy import EnergyArguments
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.plugin import EnergyArguments, EnergyPlugin
 from vla_energy.training.trainer import EnergyTrainer
 
 WEIGHT = 0.7

@@ -21,9 +21,9 @@ from vla_energy.backbones.loading import load_backbone
 from vla_energy.backbones.lora import apply_lora
 from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data import VLACollator, build_datasets
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 from vla_energy.training.arguments import TrainArguments, parse_config
-from vla_energy.training.plugin import EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
 from vla_energy.training.trainer import EnergyTrainer
 

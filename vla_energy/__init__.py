@@ -15,6 +15,8 @@ _PUBLIC = {
     "EnergyHeadConfig": "vla_energy.modeling.configuration_energy_head",
     "ActionHead": "vla_energy.modeling.action_head",
     "ActionHeadConfig": "vla_energy.modeling.action_head",
+    "FlowActionHead": "vla_energy.modeling.flow_action_head",
+    "FlowActionHeadConfig": "vla_energy.modeling.flow_action_head",
     "EnergyVLAModel": "vla_energy.modeling.energy_vla_model",
     "global_infonce_loss": "vla_energy.losses.global_infonce",
     "gather_actions": "vla_energy.losses.global_infonce",
@@ -22,8 +24,8 @@ _PUBLIC = {
     "inbatch_infonce_loss": "vla_energy.losses.infonce",
     "loss_floor": "vla_energy.losses.infonce",
     "ActionBank": "vla_energy.losses.bank",
-    "EnergyPlugin": "vla_energy.training.plugin",
-    "EnergyArguments": "vla_energy.training.arguments",
+    "EnergyPlugin": "vla_energy.modeling.energy_plugin",
+    "EnergyArguments": "vla_energy.modeling.configuration_energy",
     "EnergyTrainer": "vla_energy.training.trainer",
     "EnergyLossMixin": "vla_energy.training.trainer",
     "EnergyPolicy": "vla_energy.inference.policy",
@@ -46,6 +48,8 @@ __all__ = [
     "EnergyPolicy",
     "EnergyTrainer",
     "EnergyVLAModel",
+    "FlowActionHead",
+    "FlowActionHeadConfig",
     "VLACollator",
     "build_datasets",
     "gather_actions",
@@ -66,11 +70,12 @@ if TYPE_CHECKING:
     from vla_energy.losses.global_infonce import gather_actions, global_infonce_loss
     from vla_energy.losses.infonce import inbatch_infonce_loss, infonce_loss, loss_floor
     from vla_energy.modeling.action_head import ActionHead, ActionHeadConfig
+    from vla_energy.modeling.configuration_energy import EnergyArguments
     from vla_energy.modeling.configuration_energy_head import EnergyHeadConfig
+    from vla_energy.modeling.energy_plugin import EnergyPlugin
     from vla_energy.modeling.energy_vla_model import EnergyVLAModel
+    from vla_energy.modeling.flow_action_head import FlowActionHead, FlowActionHeadConfig
     from vla_energy.modeling.modeling_energy_head import EnergyHead
-    from vla_energy.training.arguments import EnergyArguments
-    from vla_energy.training.plugin import EnergyPlugin
     from vla_energy.training.trainer import EnergyLossMixin, EnergyTrainer
 
 

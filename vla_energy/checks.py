@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -48,3 +49,39 @@ def check_mask(name: str, mask: object, shape: Sequence[int], device: torch.devi
     if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0/1 or booleans")
     return mask
+
+
+def real_steps(mask: object, shape: Sequence[int], device: torch.device | None = None, name: str = "action_mask"
+               ) -> Tensor:
+    """A boolean mask of `shape` (True = a real step or token): `mask` checked, or all True when it is None.
+
+    The one place where "no mask" means "every step is real".
+    """
+    if mask is None:
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    return check_mask(name, mask, shape).to(device=device if device is not None else mask.device).bool()
+
+
+def means_local_path(name: str) -> bool:
+    """Whether `name` can only be meant as a local path: it starts with `.`, `/` or `~`, or its first component is
+    a directory here (`runs/missing` beside an existing `runs/`), so it is not tried as a hub id."""
+    if name.startswith((".", "/", "~")):
+        return True
+    first, sep, _ = name.partition("/")
+    return bool(sep) and Path(first).is_dir()
+
+
+def missing_path(name: str) -> str:
+    """`no such file or directory <absolute path>`, with what its nearest existing parent holds."""
+    path = Path(name).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    entries = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    held = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    return f"no such file or directory {path} ({parent} holds: {held})"
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (an option, a path, a split too small): its message says what to do,
+    and the command line reports it in one line, without a traceback."""

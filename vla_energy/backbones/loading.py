@@ -42,8 +42,8 @@ def resolve_backbone(name: str) -> str:
     """`tiny-<family>` -> its real-format checkpoint directory (built into $VLA_ENERGY_CACHE once); else `name`."""
     if not name.startswith(TINY_PREFIX):
         return name
-    # Only the tiny names import vla_energy.testing.
-    from vla_energy.testing.checkpoints import TINY_FAMILIES, ensure_tiny_checkpoint
+    # Only the tiny names build checkpoints (transformers' model classes of five families).
+    from vla_energy.backbones.tiny import TINY_FAMILIES, ensure_tiny_checkpoint
 
     family = name[len(TINY_PREFIX):]
     if family not in TINY_FAMILIES:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vla_energy.checks import real_steps
+
 __all__ = [
     "ENERGY_BATCH_KEYS",
     "BackboneReadout",
@@ -22,7 +24,7 @@ __all__ = [
 ]
 
 # Batch keys that belong to the energy plugin, not to the backbone's forward.
-ENERGY_BATCH_KEYS = ("actions", "action_mask", "sample_id", "episode_index", "state")
+ENERGY_BATCH_KEYS = ("actions", "action_mask", "sample_id", "sample_mask", "episode_index", "state")
 
 
 @dataclass
@@ -121,7 +123,7 @@ def read_backbone(
             f"{action_token_id}), expected horizon={horizon} per row: append the placeholders to each prompt "
             "(the VLACollator does)"
         )
-    real = torch.ones_like(is_action) if attention_mask is None else attention_mask.bool()
+    real = real_steps(attention_mask, tuple(input_ids.shape), input_ids.device, "attention_mask")
     if inserted:
         if bool((~real[:, 0]).any()):
             raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from vla_energy.data.synthetic import SYNTHETIC_STATES, VIEWS
+from vla_energy.data.synthetic import SYNTHETIC_STATES, VIEWS, check_modes
 
 __all__ = ["DataConfig", "DATASET_FORMATS", "NORMALIZATIONS", "CAMERA_LAYOUTS", "VIDEO_DECODING"]
 
@@ -85,6 +85,11 @@ class DataConfig:
         metadata={"help": "Synthetic camera: top_down (whole table, agent drawn) | wrist (eye-in-hand, centred "
                           "on the agent; learnable by a random tiny VLM in minutes)."},
     )
+    synthetic_modes: str = field(
+        default="none",
+        metadata={"help": "Synthetic demonstrations: none (one valid target) | targets (two squares of the named "
+                          "colour, both valid; the expert heads for one chosen at random per episode)."},
+    )
     min_episode_length: int = field(default=20, metadata={"help": "Synthetic: shortest episode (frames)."})
     max_episode_length: int = field(default=40, metadata={"help": "Synthetic: longest episode (frames)."})
     cache_dir: Optional[str] = field(
@@ -98,6 +103,7 @@ class DataConfig:
             raise ValueError(f"synthetic_view={self.synthetic_view!r}, expected one of {VIEWS}")
         if self.synthetic_state not in SYNTHETIC_STATES:
             raise ValueError(f"synthetic_state={self.synthetic_state!r}, expected one of {SYNTHETIC_STATES}")
+        check_modes(self.synthetic_modes, self.synthetic_state)
         if self.camera_layout not in CAMERA_LAYOUTS:
             raise ValueError(f"camera_layout={self.camera_layout!r}, expected one of {CAMERA_LAYOUTS}")
         if self.decode_video not in VIDEO_DECODING:

@@ -3,12 +3,17 @@
 The layout is the one `load_lerobot_v3` reads: meta/info.json, meta/tasks.parquet, meta/episodes/chunk-000/
 file-000.parquet (episode_index, length, tasks, row range) and data/chunk-000/file-NNN.parquet (frames, images as
 {bytes, path} structs), a new data file every `episodes_per_file` episodes.
+
+The dataset is written into a sibling directory `.<name>.partial` and renamed to its name when `close()` has written
+the metadata: a directory under the dataset's name is always complete, and writing ended by an exception (or an
+`abort()`) removes the partial directory.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
@@ -32,7 +37,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 class LeRobotV3Writer:
-    """Appends episodes to a new LeRobot v3.0 directory; `close()` writes the metadata (use as a context manager)."""
+    """Appends episodes to a new LeRobot v3.0 directory; `close()` writes the metadata and puts the directory in
+    place, `abort()` removes it (as a context manager: close on success, abort on an exception)."""
 
     def __init__(self, root: str | Path, cameras: Sequence[str], image_size: tuple[int, int], state_dim: int,
                  action_dim: int, fps: int = 10, robot_type: str = "unknown", episodes_per_file: int = 100) -> None:
@@ -49,8 +55,11 @@ class LeRobotV3Writer:
         self.frames = 0
         self._writer: Optional[pq.ParquetWriter] = None
         self._file_index = -1
-        (self.root / "meta").mkdir(parents=True, exist_ok=True)
-        (self.root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        self.partial = self.root.parent / f".{self.root.name}.partial"
+        if self.partial.exists():  # left by a writer that was killed: never a dataset (it was not renamed)
+            shutil.rmtree(self.partial)
+        (self.partial / "meta").mkdir(parents=True)
+        (self.partial / "data" / "chunk-000").mkdir(parents=True)
 
     @property
     def keys(self) -> list[str]:
@@ -68,6 +77,7 @@ class LeRobotV3Writer:
     def add_episode(self, images: Mapping[str, np.ndarray], state: np.ndarray, action: np.ndarray, task: str) -> int:
         """One episode: images {camera: [T, H, W, 3] uint8}, state [T, Ds], action [T, Da], its instruction;
         returns its episode_index."""
+        self._check_open()
         state, action = np.asarray(state, np.float32), np.asarray(action, np.float32)
         length = len(action)
         if length == 0:
@@ -103,11 +113,29 @@ class LeRobotV3Writer:
         if self._writer is not None:
             self._writer.close()
         self._file_index += 1
-        path = self.root / "data" / "chunk-000" / f"file-{self._file_index:03d}.parquet"
+        path = self.partial / "data" / "chunk-000" / f"file-{self._file_index:03d}.parquet"
         self._writer = pq.ParquetWriter(path, self._schema())
 
+    def add_meta_file(self, name: str, content: Mapping) -> None:
+        """A JSON file meta/<name> of the dataset, put in place with it by `close()`."""
+        self._check_open()
+        (self.partial / "meta" / name).write_text(json.dumps(content, indent=2))
+
+    def _check_open(self) -> None:
+        if not self.partial.is_dir():
+            raise RuntimeError(f"the writer of {self.root} was closed or aborted; write a dataset with a new writer")
+
+    def abort(self) -> None:
+        """Stop writing and remove the partial directory: nothing under the dataset's name is created."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        shutil.rmtree(self.partial, ignore_errors=True)
+
     def close(self) -> Path:
-        """Finish the data file and write meta/info.json, meta/tasks.parquet and meta/episodes."""
+        """Finish the data file, write meta/info.json, meta/tasks.parquet and meta/episodes, and rename the partial
+        directory to the dataset's name."""
+        self._check_open()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -125,15 +153,22 @@ class LeRobotV3Writer:
                 "chunks_size": 1000, "splits": {"train": f"0:{len(self.episodes)}"},
                 "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet", "video_path": None,
                 "features": features}
-        (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+        meta = self.partial / "meta"
         pd.DataFrame({"task_index": list(self.tasks.values())},
-                     index=pd.Index(list(self.tasks), name="task")).to_parquet(self.root / "meta" / "tasks.parquet")
-        (self.root / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(self.episodes).to_parquet(self.root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+                     index=pd.Index(list(self.tasks), name="task")).to_parquet(meta / "tasks.parquet")
+        (meta / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(self.episodes).to_parquet(meta / "episodes" / "chunk-000" / "file-000.parquet")
+        (meta / "info.json").write_text(json.dumps(info, indent=2))
+        if self.root.exists():
+            self.root.rmdir()  # an empty directory (checked when the writer started)
+        self.partial.rename(self.root)
         return self.root
 
     def __enter__(self) -> LeRobotV3Writer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

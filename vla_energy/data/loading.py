@@ -12,6 +12,7 @@ from typing import Optional
 import datasets
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
 
+from vla_energy.checks import means_local_path, missing_path
 from vla_energy.data.arguments import DataConfig
 from vla_energy.data.cameras import camera_column, with_cameras
 from vla_energy.data.columns import require_columns
@@ -25,7 +26,8 @@ from vla_energy.data.lerobot import (
 from vla_energy.data.synthetic import make_synthetic_dataset
 from vla_energy.data.video import is_video_frame_feature
 
-__all__ = ["FRAME_COLUMNS", "load_frames", "load_source", "resolve_dataset", "standardize_frames", "detect_format"]
+__all__ = ["FRAME_COLUMNS", "load_frames", "load_source", "resolve_dataset", "standardize_frames", "detect_format",
+           "check_dataset", "image_columns"]
 
 FRAME_COLUMNS = ("image", "instruction", "action", "state", "episode_index", "frame_index")
 
@@ -34,10 +36,20 @@ _LEROBOT_STATE = "observation.state"
 
 
 def detect_format(dataset: str) -> str:
-    """'synthetic', 'lerobot' (a directory with meta/info.json) or 'hf' (anything else)."""
+    """'synthetic', 'lerobot' (a directory with meta/info.json) or 'hf' (anything else); a directory laid out like
+    a LeRobot dataset without its meta/info.json is an error."""
     if dataset == "synthetic":
         return "synthetic"
-    return "lerobot" if is_lerobot_dataset(dataset) else "hf"
+    if is_lerobot_dataset(dataset):
+        return "lerobot"
+    path = Path(dataset)
+    if path.is_dir() and ((path / "meta").is_dir() or any(path.glob("data/chunk-*"))):
+        raise FileNotFoundError(
+            f"dataset={dataset!r} is laid out like a LeRobot dataset (meta/ or data/chunk-*/) but "
+            f"{(path / 'meta' / 'info.json').absolute()} does not exist: a LeRobot v3.0 dataset describes its "
+            "features there; copy the whole dataset (or pass dataset_format hf for plain parquet files)"
+        )
+    return "hf"
 
 
 def _pick_split(obj, split: str, source: str) -> Dataset:
@@ -48,13 +60,16 @@ def _pick_split(obj, split: str, source: str) -> Dataset:
     return obj
 
 
-def _load_hf(dataset: str, split: str) -> Dataset:
-    """save_to_disk directory, parquet file(s) or directory of parquet files, else a hub name."""
+def _local_parquet(dataset: str) -> Optional[list[str]]:
+    """The parquet files of a local hf-format source (None for a save_to_disk directory or a hub name); a
+    directory with neither is an error."""
     path = Path(dataset)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        return _pick_split(load_from_disk(str(path)), split, dataset)
-    if path.is_file() and path.suffix == ".parquet":
-        return Dataset.from_parquet(str(path))
+        return None
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"dataset={dataset!r} is a file but not a .parquet file")
+        return [str(path)]
     if path.is_dir():
         files = sorted(str(f) for f in path.rglob("*.parquet"))
         if not files:
@@ -62,14 +77,32 @@ def _load_hf(dataset: str, split: str) -> Dataset:
                 f"dataset={dataset!r} is a directory without a saved dataset (dataset_info.json), LeRobot "
                 "metadata (meta/info.json) or parquet files"
             )
-        return Dataset.from_parquet(files)
+        return files
+    return None
+
+
+def _load_hf(dataset: str, split: str) -> Dataset:
+    """save_to_disk directory, parquet file(s) or directory of parquet files, else a hub name."""
+    path = Path(dataset)
+    files = _local_parquet(dataset)
+    if files is not None:
+        try:
+            return Dataset.from_parquet(files if len(files) > 1 else files[0])
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+            # Files of different tables (e.g. a dataset's metadata beside its frames) do not share one schema.
+            raise ValueError(
+                f"dataset={dataset!r}: its {len(files)} parquet file(s) do not form one table ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]}); point dataset at the directory or file of the frames alone"
+            ) from None
+    if path.is_dir():
+        return _pick_split(load_from_disk(str(path)), split, dataset)
     try:
         return _pick_split(load_dataset(dataset, split=split), split, dataset)
-    except Exception as e:  # the hub's own errors are long; say first what was tried
+    except Exception as e:  # the hub's own errors are long; say what was tried, and where
         raise ValueError(
-            f"dataset={dataset!r} is not a local path, and loading it as a hub dataset failed "
-            f"({type(e).__name__}: {e}); offline, pass a local directory"
-        ) from e
+            f"dataset={dataset!r}: {missing_path(dataset)}, and loading it as a hub dataset failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+        ) from None
 
 
 def resolve_dataset(cfg: DataConfig) -> tuple[str, str]:
@@ -78,10 +111,40 @@ def resolve_dataset(cfg: DataConfig) -> tuple[str, str]:
     if cfg.dataset == "synthetic" and cfg.dataset_format in ("auto", "hf"):
         return "synthetic", cfg.dataset
     location = cfg.dataset
-    if cfg.dataset_format != "hf" and looks_like_repo_id(cfg.dataset):
-        location = str(download_dataset(cfg.dataset, cfg.dataset_revision))
+    exists = Path(location).expanduser().exists()
+    local_only = means_local_path(location) or (cfg.dataset_format == "auto" and "/" not in location)
+    if not exists and local_only:  # a hub dataset is named org/name
+        raise FileNotFoundError(f"dataset={location!r}: {missing_path(location)}")
+    if exists:
+        location = str(Path(location).expanduser())
+    elif cfg.dataset_format != "hf" and looks_like_repo_id(cfg.dataset):
+        try:
+            location = str(download_dataset(cfg.dataset, cfg.dataset_revision))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"dataset={location!r}: {missing_path(location)}; as a hub dataset repo: {e}") from None
     fmt = detect_format(location) if cfg.dataset_format == "auto" else cfg.dataset_format
     return fmt, location
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """A clear error, without reading its frames, when cfg.dataset is not there or not a dataset (a hub id is
+    downloaded into the hub cache once, so that training processes find it there)."""
+    fmt, location = resolve_dataset(cfg)
+    if fmt == "lerobot":
+        read_lerobot_info(location)
+    elif fmt == "hf":
+        _local_parquet(location)
+
+
+def image_columns(cfg: DataConfig) -> list[str]:
+    """The source's image column(s) the pipeline reads, in camera order: image_key, else the format's default
+    (every image/video feature of a LeRobot dataset, `image` otherwise)."""
+    if cfg.image_keys:
+        return cfg.image_keys
+    fmt, location = resolve_dataset(cfg)
+    if fmt == "lerobot":
+        return list(lerobot_image_features(read_lerobot_info(location)))
+    return [_HF_DEFAULTS["image_key"]]
 
 
 def load_source(cfg: DataConfig, progress: bool = False) -> tuple[Dataset, dict[str, Optional[str]]]:
@@ -90,7 +153,8 @@ def load_source(cfg: DataConfig, progress: bool = False) -> tuple[Dataset, dict[
     if fmt == "synthetic":
         ds = make_synthetic_dataset(cfg.num_episodes, cfg.image_size, cfg.num_targets, cfg.min_episode_length,
                                     cfg.max_episode_length, cfg.data_seed, cfg.synthetic_view, cfg.cache_dir,
-                                    state=cfg.synthetic_state, progress=progress)
+                                    state=cfg.synthetic_state, progress=progress,
+                                    modes=cfg.synthetic_modes)
         return ds, {"image_key": "image", "instruction_key": "instruction", "state_key": "state"}
     if fmt == "lerobot":
         info = read_lerobot_info(location)

@@ -17,7 +17,7 @@ from vla_energy.data.chunking import add_action_chunks
 from vla_energy.data.columns import iter_vector_batches
 from vla_energy.data.loading import load_frames
 from vla_energy.data.normalization import NormStats, compute_norm_stats
-from vla_energy.data.split import split_rows
+from vla_energy.data.split import split_rows, spread_indices
 
 __all__ = ["build_datasets", "training_chunks"]
 
@@ -74,7 +74,5 @@ def training_chunks(train_ds: Dataset, count: int) -> Optional[torch.Tensor]:
     for candidates="retrieval"."""
     if count <= 0:
         return None
-    from vla_energy.evaluation.metrics import spread_indices
-
     rows = train_ds.select(spread_indices(len(train_ds), count)).select_columns(["actions"]).with_format("torch")
     return rows[:]["actions"].float()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["split_episodes", "split_rows"]
+__all__ = ["split_episodes", "split_rows", "spread_indices"]
 
 
 def split_episodes(episodes: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,3 +33,9 @@ def split_rows(episode_index: np.ndarray, val_fraction: float, seed: int = 0) ->
     train_eps, val_eps = split_episodes(episode_index, val_fraction, seed)
     is_val = np.isin(episode_index, val_eps)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over `total` rows, so that every episode of a split is represented."""
+    count = min(total, count)
+    return torch.linspace(0, total - 1, count).long().tolist() if count > 0 else []

@@ -10,23 +10,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vla_energy.backbones.readout import backbone_forward
-from vla_energy.losses.false_negatives import rowwise_rms
+from vla_energy.checks import real_steps
+from vla_energy.losses.distances import rowwise_rms
 from vla_energy.losses.negatives import false_negative_mask
 from vla_energy.losses.policy_l1 import masked_l1
-from vla_energy.modeling.state_projector import inject_state_embedding
-from vla_energy.training.plugin import EnergyPlugin
+from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 
 __all__ = [
-    "spread_indices", "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics",
+    "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics",
     "summarize_ranking", "metrics_by_negative_type",
 ]
-
-
-def spread_indices(total: int, count: int) -> list[int]:
-    """`count` indices evenly spaced over `total` rows, so that every episode of a split is represented."""
-    count = min(total, count)
-    return torch.linspace(0, total - 1, count).long().tolist() if count > 0 else []
 
 
 def fixed_negative_pool(episode_index: Tensor, num_negatives: int = 31, seed: int = 0) -> Tensor:
@@ -55,30 +48,32 @@ class EvalResult:
     action_mask: list[Tensor] = field(default_factory=list)  # [H]
     policy: list[Tensor] = field(default_factory=list)  # policy chunk [H, Da]
     layer_actions: list[Tensor] = field(default_factory=list)  # [L, H, Da]
+    samples: list[Tensor] = field(default_factory=list)  # [N, H, Da] a flow head's draws (flow_samples > 0)
     episode_index: list[int] = field(default_factory=list)
     ranking_energies: Optional[Tensor] = None  # [N, 1+M] from ranking_metrics, true chunk first
 
 
 @torch.no_grad()
-def collect_eval_outputs(
-    backbone: nn.Module, plugin: EnergyPlugin, batches: Iterable[Mapping[str, Tensor]], progress: bool = True
-) -> EvalResult:
-    """Run the backbone once per eval batch and keep contexts (unpadded), policy and layer predictions."""
+def collect_eval_outputs(model: EnergyVLAModel, batches: Iterable[Mapping[str, Tensor]], progress: bool = True,
+                         total: Optional[int] = None, flow_samples: int = 0, seed: int = 0) -> EvalResult:
+    """Encode each eval batch once (model.encode) and keep contexts (unpadded), policy and layer predictions; with a
+    flow head and flow_samples > 0 also that many samples per row (from one generator seeded by `seed`)."""
     out = EvalResult()
-    for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        state_embedding = plugin.project_state(batch)  # None unless the policy reads the state
-        with inject_state_embedding(backbone, plugin.state_token_id, state_embedding):
-            outputs = backbone_forward(backbone, batch)
-        readout = plugin.read(outputs, batch, state_embedding)
-        policy, layers = plugin.predict_actions(readout)
+    sampling = flow_samples > 0 and model.plugin.is_flow
+    generator = None
+    for batch in tqdm(batches, desc="encoding", disable=not progress, leave=False, total=total):
+        readout = model.encode(**batch)
+        policy, layers = model.plugin.predict_actions(readout)
+        if sampling:
+            generator = generator or torch.Generator(device=policy.device).manual_seed(seed)
+            samples = model.plugin.sample_actions(readout, flow_samples, generator).float().cpu()
+            out.samples.extend(samples.unbind(0))
+        masks = real_steps(batch.get("action_mask"), batch["actions"].shape[:2])
         for i in range(readout.context.shape[0]):
             keep = readout.context_mask[i]
             out.contexts.append(readout.context[i][keep].float().cpu())
             out.actions.append(batch["actions"][i].float().cpu())
-            mask = batch.get("action_mask")
-            out.action_mask.append(
-                mask[i].bool().cpu() if mask is not None else torch.ones(plugin.horizon, dtype=torch.bool)
-            )
+            out.action_mask.append(masks[i].cpu())
             out.policy.append(policy[i].float().cpu())
             out.layer_actions.append(torch.stack([la[i] for la in layers]).float().cpu())
             out.episode_index.append(int(batch["episode_index"][i]))

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.json, report.md, PNG plots (curves, energy histograms) and the policy's model card.
+"""Run outputs: metrics.json, report.md and PNG plots (curves, energy histograms).
 
 Plots need matplotlib, an optional extra: `pip install vla_energy[plots]`.
 """
@@ -10,11 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_metrics", "plot_curves", "plot_energy_histograms", "write_report", "plots_available",
-           "write_model_card", "MODEL_CARD_IMAGES", "add_results_to_policy", "pyplot"]
-
-# Plots of a run that the model card shows when they sit in the policy directory.
-MODEL_CARD_IMAGES = ("loss.png", "accuracy.png", "energy_hist.png")
+__all__ = ["write_metrics", "plot_curves", "plot_energy_histograms", "write_report", "plots_available", "pyplot"]
 
 
 def plots_available() -> bool:
@@ -92,77 +88,3 @@ def write_report(path: str | Path, title: str, metrics: Mapping[str, Any], image
     lines += [f"![{Path(img).stem}]({Path(img).name})" for img in images]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
-
-
-def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
-    lines = ["| metric | value |", "|---|---|"]
-    for key, value in metrics.items():
-        if isinstance(value, (int, float, str)) and key != "history":
-            lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    return lines
-
-
-def write_model_card(policy_dir: str | Path, metrics: Mapping[str, Any] | None = None) -> Path:
-    """README.md of a policy directory (huggingface_hub.ModelCard): base model, dataset, training options, metrics
-    (`metrics`, else the directory's metrics.json), and the plots found beside it."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    policy_dir = Path(policy_dir)
-    info = json.loads((policy_dir / "policy_config.json").read_text())
-    run = json.loads((policy_dir / "run_config.json").read_text()) if (policy_dir / "run_config.json").exists() else {}
-    if metrics is None and (policy_dir / "metrics.json").exists():
-        metrics = json.loads((policy_dir / "metrics.json").read_text())
-    data = run.get("DataConfig", {})
-    dataset = data.get("dataset")
-    base, revision = info["backbone"], info.get("revision")
-    hub_base = base.count("/") == 1 and not Path(base).exists()
-    hub_dataset = dataset is not None and dataset != "synthetic" and dataset.count("/") == 1 and not Path(dataset).exists()
-    card_data = ModelCardData(
-        library_name="vla_energy", pipeline_tag="robotics", tags=["robotics", "vla", "energy-based-model", "lora"],
-        base_model=base if hub_base else None, datasets=[dataset] if hub_dataset else None,
-    )
-    plugin = info["plugin"]
-    lines = [
-        "# vla_energy policy", "",
-        "A vision-language-action policy finetuned with vla_energy: a LoRA adapter on the "
-        "backbone, an L1 action head and an energy head E(context, action chunk) trained with global InfoNCE.", "",
-        "## Base model and data", "",
-        f"- base model: `{base}`" + (f" at revision `{revision}`" if revision else "")
-        + (" (a tiny random test backbone of vla_energy.testing)" if base.startswith("tiny-") else ""),
-        f"- weights: {'LoRA merged into the backbone (merged/)' if info.get('merged') else 'LoRA adapter (adapter/)' if info['has_adapter'] else 'frozen backbone'}"
-        f", loaded in {info.get('dtype', 'float32')}",
-        f"- dataset: `{dataset}`" if dataset else "- dataset: not recorded",
-        f"- action chunk: horizon {plugin['horizon']}, {plugin['action_dim']} action dims"
-        + (f", normalization `{data['normalization']}`" if "normalization" in data else ""), "",
-        "## Use", "", "```python", "from vla_energy import EnergyPolicy", "",
-        "policy = EnergyPolicy.from_pretrained(\"<this repo or directory>\", dtype=\"bfloat16\", device=\"cuda\")",
-        "policy.reset()",
-        "action = policy.select_action({\"observation.images.<camera>\": image, \"task\": \"pick up the cube\"})",
-        "```", "", "## Training configuration", "",
-        "| option | value |", "|---|---|",
-    ]
-    train = run.get("TrainArguments", {})
-    shown = {**{k: train[k] for k in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                                      "learning_rate", "seed") if k in train},
-             **{k: plugin["args"][k] for k in ("strategy", "tau", "temperature", "num_negatives", "bank_size")}}
-    lines += [f"| {k} | {v} |" for k, v in shown.items()]
-    if metrics:
-        lines += ["", "## Metrics", "", *_metrics_table(metrics)]
-    images = [name for name in MODEL_CARD_IMAGES if (policy_dir / name).exists()]
-    if images:
-        lines += ["", "## Plots", "", *(f"![{Path(n).stem}]({n})" for n in images)]
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    card.save(policy_dir / "README.md")
-    return policy_dir / "README.md"
-
-
-def add_results_to_policy(policy_dir: str | Path, metrics: Mapping[str, Any], run_dir: str | Path) -> Path:
-    """metrics.json and the run's plots into a saved policy directory, and its model card rewritten with them."""
-    import shutil
-
-    policy_dir, run_dir = Path(policy_dir), Path(run_dir)
-    write_metrics(policy_dir / "metrics.json", metrics)
-    for name in MODEL_CARD_IMAGES:
-        if (run_dir / name).exists():
-            shutil.copyfile(run_dir / name, policy_dir / name)
-    return write_model_card(policy_dir, metrics)

@@ -8,26 +8,28 @@ resample samples and keep every real step's weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from vla_energy.evaluation.intervals import bootstrap_interval
 from vla_energy.evaluation.metrics import EvalResult, _pad_contexts
 from vla_energy.inference.candidates import (
     error_scaled_candidates,
     leave_one_group_out_error,
+    make_candidates,
     residual_candidates,
-    retrieve_nearest,
 )
-from vla_energy.inference.rerank import energy_weighted_mean, propose_candidates, refine_line_search
+from vla_energy.inference.rerank import REFINE_STEP_SIZES, energy_weighted_mean, refine
 
-__all__ = ["SELECTIONS", "SOURCES", "l1_sums", "choose", "mean_interval", "selection_metrics", "plot_selection"]
+__all__ = ["SELECTIONS", "SOURCES", "l1_sums", "choose", "selection_metrics", "plot_selection"]
 
 SELECTIONS = ("random", "uniform", "rerank", "mean", "refine", "oracle")
-SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval", "multistart")
+SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval", "samples", "multistart")
 
 
 def l1_sums(chunks: Tensor, truth: Tensor, mask: Tensor) -> Tensor:
@@ -47,18 +49,9 @@ def choose(energies: Tensor, l1: Tensor, generator: Optional[torch.Generator] = 
     }
 
 
-def mean_interval(sums: Tensor, counts: Tensor, num_resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float, float]:
-    """sum(sums) / sum(counts) and its percentile-bootstrap interval over samples (seeded)."""
-    if sums.shape != counts.shape or sums.dim() != 1 or sums.numel() == 0:
-        raise ValueError(f"sums {tuple(sums.shape)} and counts {tuple(counts.shape)} must be equal, non-empty [N]")
-    sums, counts = sums.double(), counts.double()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(sums.numel(), (num_resamples, sums.numel()), generator=g)
-    boot = sums[idx].sum(dim=1) / counts[idx].sum(dim=1).clamp(min=1)
-    tail = (1 - level) / 2
-    lo, hi = torch.quantile(boot, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return float(sums.sum() / counts.sum().clamp(min=1)), lo, hi
+def _drawn(draws: Tensor) -> Callable[[int, Optional[torch.Generator]], Tensor]:
+    """A candidate sampler that returns draws made earlier (collect_eval_outputs' flow samples)."""
+    return lambda _num, _generator: draws
 
 
 @torch.no_grad()
@@ -69,28 +62,38 @@ def selection_metrics(
     num_samples: int = 16,
     sigma: float = 0.1,
     refine_steps: int = 10,
-    step_sizes: Sequence[float] = (0.2, 0.1, 0.05, 0.02, 0.01),
+    step_sizes: Sequence[float] = REFINE_STEP_SIZES,
     seed: int = 0,
     batch_size: int = 16,
     num_resamples: int = 1000,
     sources: Sequence[str] = SOURCES,
     tau: float = 0.3,
+    progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, dict[str, tuple[float, float, float]]]]:
     """L1 (mean, 95% low, high) of the policy, of `refine` from the policy, and per source of each selection.
 
     Sources (K = num_samples candidates each, the policy chunk first): gaussian (policy + sigma noise),
     policy_error (noise scaled per step and dim to the policy's error on other episodes), residuals (policy +
     whole error chunks of other episodes), layers (the layer-wise predictions), retrieval (training chunks nearest
-    to the policy chunk; needs train_chunks), multistart (the policy + the other policy_error candidates, each
-    refined). Selections:
+    to the policy chunk; needs train_chunks), samples (the policy + a flow head's draws, result.samples: a policy
+    with action_head flow, collected with flow_samples >= num_samples - 1), multistart (the policy + the other
+    policy_error candidates, each refined). Sources without their data (retrieval, samples) are left out. Selections:
     random, rerank (lowest energy), refine (line search from the rerank choice), oracle (lowest L1).
     Returns (flat metrics, table[source][selection] = (mean, low, high)); also delta vs policy per cell.
+    progress: a bar over the batches.
     """
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ValueError(f"sources {unknown} are unknown, expected some of {SOURCES}")
     if "retrieval" in sources and train_chunks is None:
         sources = [s for s in sources if s != "retrieval"]
+    if "samples" in sources and not result.samples:
+        sources = [s for s in sources if s != "samples"]
+    samples = torch.stack(result.samples) if "samples" in sources else None
+    if samples is not None and samples.shape[1] < num_samples - 1:
+        raise ValueError(f"source 'samples' with num_samples={num_samples} needs {num_samples - 1} flow samples per "
+                         f"row, the evaluation outputs hold {samples.shape[1]}: collect them with flow_samples >= "
+                         f"{num_samples - 1}")
     n = len(result.actions)
     truth, masks = torch.stack(result.actions), torch.stack(result.action_mask)
     policy, layers = torch.stack(result.policy), torch.stack(result.layer_actions)
@@ -105,30 +108,32 @@ def selection_metrics(
     def add(source: str, selection: str, value: Tensor) -> None:
         sums.setdefault((source, selection), []).append(value.double().cpu())
 
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="selection", disable=not progress, leave=False):
         idx = torch.arange(start, min(start + batch_size, n))
         ctx, cmask = (t.to(device) for t in _pad_contexts([result.contexts[i] for i in idx]))
         pol, tr, am = policy[idx].to(device), truth[idx], masks[idx]
         amd = am.to(device)
         add("policy", "policy", l1_sums(pol[:, None].cpu(), tr, am)[:, 0])
-        refined, _ = refine_line_search(head, ctx, pol, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
+        refined, _ = refine(head, ctx, pol, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
         add("policy", "refine", l1_sums(refined[:, None].cpu(), tr, am)[:, 0])
         cands: dict[str, Tensor] = {}
         for source in sources:
-            if source == "gaussian":
-                cands[source] = propose_candidates(pol.cpu(), None, num_samples - 1, sigma, generator=g)[0]
+            if source in ("gaussian", "retrieval"):
+                cands[source] = make_candidates(source, pol.cpu(), num_samples, sigma=sigma, chunks=train_chunks,
+                                                generator=g)
             elif source in ("policy_error", "multistart") and "policy_error" not in cands:
                 cands["policy_error"] = error_scaled_candidates(pol.cpu(), scale[idx], num_samples, generator=g)
             elif source == "residuals":
                 exclude = episodes[idx, None] == episodes[None, :]
                 cands[source] = residual_candidates(pol.cpu(), residuals, num_samples, g, exclude)
             elif source == "layers":
-                cands[source] = torch.cat([pol[:, None].cpu(), layers[idx, :-1]], dim=1)
-            elif source == "retrieval":
-                cands[source] = retrieve_nearest(pol.cpu(), train_chunks, num_samples)
+                cands[source] = make_candidates(source, pol.cpu(), num_samples, layer_actions=layers[idx].unbind(1))
+            elif source == "samples":
+                cands[source] = make_candidates(source, pol.cpu(), num_samples,
+                                                sampler=_drawn(samples[idx, : num_samples - 1]))
         if "multistart" in sources:
             starts = cands["policy_error"][:, 1:].to(device)
-            moved = refine_line_search(head, ctx, starts, refine_steps, step_sizes, context_mask=cmask,
+            moved = refine(head, ctx, starts, refine_steps, step_sizes, context_mask=cmask,
                                        action_mask=amd)[0].cpu()
             cands["multistart"] = torch.cat([pol[:, None].cpu(), moved], dim=1)
         for source in sources:
@@ -141,7 +146,7 @@ def selection_metrics(
             add(source, "uniform", l1_sums(c.mean(dim=1, keepdim=True), tr, am)[:, 0])
             add(source, "mean", l1_sums(energy_weighted_mean(c, e.cpu(), tau)[:, None], tr, am)[:, 0])
             best = c[rows, e.argmin(dim=1).cpu()].to(device)
-            ref, _ = refine_line_search(head, ctx, best, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
+            ref, _ = refine(head, ctx, best, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
             add(source, "refine", l1_sums(ref[:, None].cpu(), tr, am)[:, 0])
 
     joined = {key: torch.cat(v) for key, v in sums.items()}
@@ -149,13 +154,13 @@ def selection_metrics(
     table: dict[str, dict[str, tuple[float, float, float]]] = {}
     metrics: dict[str, float] = {"selection_samples": float(n), "candidates": float(num_samples)}
     for (source, selection), values in joined.items():
-        cell = mean_interval(values, counts, num_resamples, seed)
+        cell = bootstrap_interval(values, counts, num_resamples, seed)
         table.setdefault(source, {})[selection] = cell
         key = "policy" if source == selection else f"{source}/{selection}"
         metrics[f"l1/{key}"], metrics[f"l1/{key}_lo"], metrics[f"l1/{key}_hi"] = cell
         if key != "policy":
             # Paired: the same samples resampled for both, so the interval is of the difference itself.
-            delta = mean_interval(values - base, counts, num_resamples, seed)
+            delta = bootstrap_interval(values - base, counts, num_resamples, seed)
             metrics[f"delta/{key}"], metrics[f"delta/{key}_lo"], metrics[f"delta/{key}_hi"] = delta
     return metrics, table
 

@@ -1,15 +1,105 @@
-"""Candidate sources for reranking: the policy's own error distribution, its layers, retrieval from training chunks."""
+"""Where candidate chunks come from: the one place that makes them, for EnergyPolicy and for evaluation alike.
+
+Every source returns [B,K,H,Da] with the policy's own chunk first, so a choice among them can always fall back
+to the policy. Sources: gaussian (the policy + Gaussian perturbations), layers (the policy + its layer-wise
+predictions), retrieval (the policy + the training chunks nearest to it), samples (the policy + a flow head's
+samples), and, for evaluation against ground truth, policy_error (perturbations at the policy's own error scale) and
+residuals (other samples' errors).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from vla_energy.checks import check_mask, check_tensor
+from vla_energy.inference.rerank import Bound, check_bounds, clamp_to_bounds
+from vla_energy.losses.perturbation import perturb
 
-__all__ = ["leave_one_group_out_error", "error_scaled_candidates", "residual_candidates", "retrieve_nearest"]
+__all__ = ["CANDIDATE_SOURCES", "make_candidates", "gaussian_candidates", "layer_candidates", "sample_candidates",
+           "leave_one_group_out_error", "error_scaled_candidates", "residual_candidates", "retrieve_nearest"]
+
+# The sources EnergyPolicy offers (evaluation adds policy_error and residuals, which need ground truth).
+CANDIDATE_SOURCES = ("gaussian", "layers", "retrieval", "samples")
+# sampler(num, generator) -> [B,num,H,Da]: draws of a stochastic policy for the same contexts (EnergyPlugin.sample_actions).
+Sampler = Callable[[int, Optional[torch.Generator]], Tensor]
+
+
+def make_candidates(
+    source: str,
+    policy: Tensor,
+    num_samples: int,
+    *,
+    layer_actions: Optional[Sequence[Tensor]] = None,
+    sigma: float = 0.1,
+    chunks: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    low: Bound = -1.0,
+    high: Bound = 1.0,
+    sampler: Optional[Sampler] = None,
+) -> Tensor:
+    """[B,K,H,Da] candidates of `source` (CANDIDATE_SOURCES) around the policy chunk [B,H,Da], the policy first.
+
+    gaussian: K = num_samples (sigma, generator); layers: the policy's layer-wise predictions (layer_actions, the
+    last being the policy itself); retrieval: K = num_samples, the training `chunks` [N,H,Da] nearest to the policy;
+    samples: K = num_samples, the policy and K-1 draws of a flow head (`sampler`, generator).
+    """
+    if source == "gaussian":
+        return gaussian_candidates(policy, num_samples, sigma, generator, low, high)
+    if source == "layers":
+        if layer_actions is None:
+            raise ValueError("candidates='layers' needs the policy's layer-wise predictions (layer_actions)")
+        return layer_candidates(policy, layer_actions)
+    if source == "retrieval":
+        if chunks is None:
+            raise ValueError("candidates='retrieval' needs the training chunks saved with the policy "
+                             "(retrieval_chunks.safetensors, written by training with --retrieval_chunks > 0)")
+        return retrieve_nearest(policy, chunks, num_samples)
+    if source == "samples":
+        if sampler is None:
+            raise ValueError("candidates='samples' needs a stochastic action head's sampler: train the policy with "
+                             "--action_head flow")
+        return sample_candidates(policy, num_samples, sampler, generator, low, high)
+    raise ValueError(f"candidates={source!r}, expected one of {CANDIDATE_SOURCES}")
+
+
+def gaussian_candidates(policy: Tensor, num_samples: int, sigma: float = 0.1,
+                        generator: Optional[torch.Generator] = None, low: Bound = -1.0, high: Bound = 1.0) -> Tensor:
+    """[B,K,H,Da]: the policy chunk and K-1 draws policy + sigma * N(0, 1), within [low, high] (numbers,
+    per-dimension tensors [Da], or None)."""
+    check_tensor("policy", policy, ("B", "H", "Da"))
+    check_bounds(low, high)
+    if sigma < 0 or num_samples < 1:
+        raise ValueError(f"sigma={sigma} and num_samples={num_samples}: expected >= 0 and >= 1")
+    draws = [perturb(policy, sigma, generator) for _ in range(num_samples - 1)]
+    return clamp_to_bounds(torch.stack([policy, *draws], dim=1), low, high)
+
+
+def sample_candidates(policy: Tensor, num_samples: int, sampler: Sampler,
+                      generator: Optional[torch.Generator] = None, low: Bound = -1.0, high: Bound = 1.0) -> Tensor:
+    """[B,K,H,Da]: the policy chunk and K-1 draws sampler(K-1, generator) [B,K-1,H,Da], within [low, high]."""
+    check_tensor("policy", policy, ("B", "H", "Da"))
+    check_bounds(low, high)
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}, expected >= 1")
+    draws = sampler(num_samples - 1, generator) if num_samples > 1 else policy.new_zeros(policy.shape[0], 0,
+                                                                                         *policy.shape[1:])
+    b, h, da = policy.shape
+    check_tensor("sampler(...) draws", draws, ("B", "K", "H", "Da"), B=b, K=num_samples - 1, H=h, Da=da)
+    return clamp_to_bounds(torch.cat([policy[:, None], draws.to(policy)], dim=1), low, high)
+
+
+def layer_candidates(policy: Tensor, layer_actions: Sequence[Tensor]) -> Tensor:
+    """[B,L,H,Da]: the policy chunk and its layer-wise predictions but the last (which is the policy's own)."""
+    check_tensor("policy", policy, ("B", "H", "Da"))
+    layers = list(layer_actions)
+    for i, layer in enumerate(layers):
+        check_tensor(f"layer_actions[{i}]", layer, ("B", "H", "Da"), B=policy.shape[0], H=policy.shape[1],
+                     Da=policy.shape[2])
+    return torch.stack([policy, *(layer.to(policy) for layer in layers[:-1])], dim=1)
 
 
 def leave_one_group_out_error(policy: Tensor, truth: Tensor, mask: Tensor, groups: Tensor) -> Tensor:
@@ -41,9 +131,7 @@ def error_scaled_candidates(
     check_tensor("policy", policy, ("B", "H", "Da"))
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}, expected >= 1")
-    noise = torch.randn((policy.shape[0], num_samples - 1, *policy.shape[1:]), generator=generator,
-                        dtype=policy.dtype, device=policy.device)
-    draws = policy[:, None] + scale.to(policy.device, policy.dtype).unsqueeze(-3) * noise
+    draws = perturb(policy, scale, generator, num=num_samples - 1)
     return torch.cat([policy[:, None], draws], dim=1).clamp(low, high)
 
 

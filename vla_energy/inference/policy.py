@@ -7,8 +7,10 @@ with a chunk) and `predict_action_chunk(observation, mode=...)`, observations ke
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,18 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vla_energy.backbones.readout import backbone_forward
-from vla_energy.inference.candidates import retrieve_nearest
+from vla_energy.backbones.readout import BackboneReadout
+from vla_energy.inference.candidates import CANDIDATE_SOURCES, make_candidates
+from vla_energy.inference.cuda_graphs import GraphedRefine
 from vla_energy.inference.rerank import (
-    CANDIDATE_SOURCES,
     PREDICT_MODES,
+    REFINE_STEP_SIZES,
     Bound,
     energy_weighted_mean,
-    propose_candidates,
     refine,
     rerank,
 )
-from vla_energy.modeling.state_projector import inject_state_embedding
 
 __all__ = ["EnergyPolicy", "candidate_bounds"]
 
@@ -71,38 +72,39 @@ def _as_pil_list(value: Any, key: str) -> tuple[list[Any], bool]:
 class EnergyPolicy:
     """A saved policy (backbone + adapter, action head, energy head, normalization) that predicts action chunks."""
 
-    def __init__(self, loaded: Any, device: str | torch.device = "cpu", n_action_steps: Optional[int] = None) -> None:
-        from vla_energy.data import VLACollator
-
+    def __init__(self, loaded: Any, device: str | torch.device = "cpu", n_action_steps: Optional[int] = None,
+                 cuda_graphs: bool = False) -> None:
         self.loaded = loaded
         self.device = torch.device(device)
-        plugin = loaded.plugin
-        run = loaded.run_config() if hasattr(loaded, "run_config") else None
-        model_cfg, data_cfg = (run or {}).get("ModelArguments", {}), (run or {}).get("DataConfig", {})
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={device!r}")
+        # refine from CUDA graphs: the same result, without launching its many small kernels one by one.
+        self._refine = GraphedRefine() if cuda_graphs else refine
+        horizon = loaded.plugin.horizon
         # The prompt, processor options and camera layout of training.
-        self.collator = VLACollator(loaded.processor, horizon=plugin.horizon, action_token=loaded.info["action_token"],
-                                    state_token=loaded.info.get("state_token"),
-                                    processor_kwargs=model_cfg.get("processor_kwargs") or None)
-        self.camera_layout = data_cfg.get("camera_layout", "tile")
-        self.n_action_steps = plugin.horizon if n_action_steps is None else int(n_action_steps)
-        if not 1 <= self.n_action_steps <= plugin.horizon:
-            raise ValueError(f"n_action_steps={n_action_steps}, expected 1..horizon={plugin.horizon}")
-        image_key = data_cfg.get("image_key")
-        # The cameras the policy was trained on, in their tiling order (None: one unnamed image column).
-        self.cameras = [k.strip() for k in image_key.split(",") if k.strip()] if image_key else None
+        self.collator = loaded.collator()
+        inputs = loaded.inputs()
+        self.camera_layout = inputs.get("camera_layout") or "tile"
+        # The cameras the policy was trained on, in their order (None: one unnamed image column).
+        self.cameras = inputs.get("cameras")
+        self.n_action_steps = horizon if n_action_steps is None else int(n_action_steps)
+        if not 1 <= self.n_action_steps <= horizon:
+            raise ValueError(f"n_action_steps={n_action_steps}, expected 1..horizon={horizon}")
         self._queue: deque[Tensor] = deque()
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu",
                         trust_remote_code: bool = False, dtype: str | torch.dtype | None = None,
-                        revision: Optional[str] = None, n_action_steps: Optional[int] = None) -> EnergyPolicy:
+                        revision: Optional[str] = None, n_action_steps: Optional[int] = None,
+                        cuda_graphs: bool = False) -> EnergyPolicy:
         """Load a policy: a run directory, its model/, a checkpoint directory, or a hub repo id (snapshot_download;
-        offline it comes from the hub cache), in `dtype` (default: its training dtype) on `device`."""
-        from vla_energy.inference.serialization import load_policy
+        offline it comes from the hub cache), in `dtype` (default: its training dtype) on `device`; cuda_graphs:
+        mode="refine" replays CUDA graphs (captured on the first call of each input shape)."""
+        from vla_energy.modeling.serialization import load_policy
 
         loaded = load_policy(path_or_repo, device=device, trust_remote_code=trust_remote_code, dtype=dtype,
                              revision=revision)
-        return cls(loaded, device, n_action_steps)
+        return cls(loaded, device, n_action_steps, cuda_graphs)
 
     @property
     def plugin(self):
@@ -133,7 +135,8 @@ class EnergyPolicy:
         return stats.normalize(state)
 
     @torch.no_grad()
-    def encode(self, images: Sequence[Any], instructions: Sequence[str], states: Optional[Tensor] = None):
+    def encode(self, images: Sequence[Any], instructions: Sequence[str], states: Optional[Tensor] = None
+               ) -> BackboneReadout:
         """Backbone readout for raw images + instructions (+ normalized states [B, Ds] when the policy uses them)."""
         from vla_energy.data import to_pil_image
 
@@ -143,45 +146,60 @@ class EnergyPolicy:
             raise ValueError(f"the policy was trained with the state: pass one (observation.)state per image, got "
                              f"{None if states is None else tuple(states.shape)} for {len(images)} images")
         # One image per sample, or a list of camera images per sample (camera_layout separate).
-        per_sample = [[to_pil_image(v) for v in im] if isinstance(im, (list, tuple)) else [to_pil_image(im)]
-                      for im in images]
+        per_sample = self._as_trained([[to_pil_image(v) for v in im] if isinstance(im, (list, tuple))
+                                       else [to_pil_image(im)] for im in images])
         inputs = self.collator.model_inputs(per_sample, list(instructions), with_state=self.uses_state)
         batch = {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in inputs.items()}
         if self.uses_state:
             batch["state"] = states.to(self.device)
-        state_embedding = self.plugin.project_state(batch)
-        with inject_state_embedding(self.loaded.backbone, self.plugin.state_token_id, state_embedding):
-            outputs = backbone_forward(self.loaded.backbone, batch)
-        return self.plugin.read(outputs, batch, state_embedding)
+        return self.loaded.model.encode(**batch)
+
+    def _as_trained(self, per_sample: list[list[Any]]) -> list[list[Any]]:
+        """Each sample's images laid out as in training: as many as the policy's cameras (tiled into one image with
+        camera_layout tile); a different count is an error naming the cameras. A policy that does not record its
+        cameras (saved outside the recipe) takes the images as given."""
+        from vla_energy.data.cameras import tile_images
+
+        cameras = self.cameras
+        if not cameras:
+            return per_sample
+        tile = self.camera_layout == "tile" and len(cameras) > 1
+        for i, ims in enumerate(per_sample):
+            if len(ims) != len(cameras) and not (tile and len(ims) == 1):
+                raise ValueError(f"sample {i} has {len(ims)} image(s), the policy was trained on {len(cameras)} "
+                                 f"camera(s) {cameras} (camera_layout {self.camera_layout}): pass one image per "
+                                 "camera, in that order")
+        return [[tile_images(ims)] if tile and len(ims) > 1 else ims for ims in per_sample]
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
-                refine_steps: int, step_size: float, seed: int, states: Optional[Tensor] = None,
+                refine_steps: int, step_sizes: Sequence[float], seed: int, states: Optional[Tensor] = None,
                 candidates: str = "gaussian") -> Tensor:
         """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds."""
         if mode not in PREDICT_MODES:
             raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
         if candidates not in CANDIDATE_SOURCES:
             raise ValueError(f"candidates={candidates!r}, expected one of {CANDIDATE_SOURCES}")
-        if mode in ("rerank", "mean") and candidates == "retrieval" and self.loaded.retrieval_chunks is None:
-            raise ValueError("candidates='retrieval' needs the training chunks saved with the policy "
-                             "(retrieval_chunks.safetensors, written by training with --retrieval_chunks > 0)")
         readout = self.encode(images, instructions, states)
+        head = self.plugin.energy_head
         with torch.no_grad():
             policy, layers = self.plugin.predict_actions(readout)
-        head, ctx, cmask = self.plugin.energy_head, readout.context, readout.context_mask
+            # Encoded once for every call of the head below (refine makes 1 + 2 * refine_steps); it holds the mask.
+            ctx = None if mode == "policy" else head.encode_context(readout.context, readout.context_mask)
+        cmask = None
         low, high = candidate_bounds(self.loaded.norm_stats)
         chunk = policy
         if mode in ("rerank", "mean"):
-            if candidates == "retrieval":
-                cands = retrieve_nearest(policy, self.loaded.retrieval_chunks, num_samples).to(policy.dtype)
-            else:
-                g = torch.Generator(device=policy.device).manual_seed(seed)
-                cands, _ = propose_candidates(policy, layers[:-1], num_samples, sigma, low=low, high=high, generator=g)
-            ranked = rerank(head, ctx, cands, context_mask=cmask)
+            g = torch.Generator(device=policy.device).manual_seed(seed)
+            sampler = partial(self.plugin.sample_actions, readout) if self.plugin.is_flow else None
+            cands = make_candidates(candidates, policy, num_samples, layer_actions=layers, sigma=sigma,
+                                    chunks=self.loaded.retrieval_chunks, generator=g, low=low, high=high,
+                                    sampler=sampler)
+            ranked = rerank(head, ctx, cands.to(policy.dtype), context_mask=cmask)
             chunk = ranked.best if mode == "rerank" else energy_weighted_mean(cands, ranked.energies,
                                                                              self.plugin.args.tau)
         elif mode == "refine":
-            chunk, _ = refine(head, ctx, policy, refine_steps, step_size, context_mask=cmask, low=low, high=high)
+            chunk, _ = self._refine(head, ctx, policy, refine_steps, step_sizes, context_mask=cmask, low=low,
+                                    high=high)
         return chunk.float()
 
     def predict(
@@ -192,7 +210,7 @@ class EnergyPolicy:
         num_samples: int = 16,
         sigma: float = 0.1,
         refine_steps: int = 10,
-        step_size: float = 0.05,
+        step_sizes: Sequence[float] = REFINE_STEP_SIZES,
         seed: int = 0,
         normalized: bool = False,
         states: Optional[Any] = None,
@@ -200,9 +218,14 @@ class EnergyPolicy:
     ) -> np.ndarray:
         """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank, mean or refine;
         `states` [B, Ds] in raw units (a policy trained with the state needs them); `candidates` of rerank / mean:
-        gaussian (the layers + Gaussian perturbations) or retrieval (the nearest training chunks)."""
+        gaussian (the policy + Gaussian perturbations), layers (its layer-wise predictions), retrieval (the
+        training chunks nearest to the policy's) or samples (a flow head's samples: the policy's chunk and
+        num_samples - 1 draws seeded by `seed`; rerank is best-of-N; mean averages them, which across modes lands
+        between them); refine descends the energy from the policy's chunk with a line search over `step_sizes` for
+        `refine_steps` steps. With a flow head, mode="policy" is its sample from the fixed noise chunk
+        (flow_noise_seed)."""
         states = self.normalize_state(states) if self.uses_state and states is not None else None
-        out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_size, seed,
+        out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_sizes, seed,
                            states, candidates).cpu().numpy()
         if normalized or self.loaded.norm_stats is None:
             return out
@@ -216,28 +239,30 @@ class EnergyPolicy:
 
     def _parse_observation(self, observation: Mapping[str, Any]) -> tuple[list[Any], list[str], bool]:
         """(images per sample, tasks, single) from dataset-keyed observations, cameras laid out as in training."""
-        from vla_energy.data.cameras import tile_images
 
         present = [k for k in observation if k.startswith("observation.image")]
-        if self.cameras is not None and all(c in observation for c in self.cameras):
-            keys = self.cameras
-        elif len(present) == 1:
+        cameras = self.cameras or []
+        if cameras and all(c in observation for c in cameras):
+            keys = cameras
+        elif len(cameras) > 1:
+            missing = [c for c in cameras if c not in observation]
+            raise ValueError(f"observation lacks camera(s) {missing}: the policy was trained on the cameras {cameras} "
+                             f"(camera_layout {self.camera_layout}); the observation has {present}")
+        elif len(present) == 1:  # one camera: its key may be named differently on the robot
             keys = present
         elif not present:
             raise ValueError(f"observation has no image: expected 'observation.images.<camera>' keys, got "
                              f"{sorted(observation)}")
         else:
-            raise ValueError(f"observation has cameras {present}, the policy was trained on "
-                             f"{self.cameras or 'one image'}: pass those keys")
+            raise ValueError(f"observation has the cameras {present}, the policy was trained on one "
+                             f"({cameras[0] if cameras else 'unnamed'}): pass only that one")
         per_camera = [_as_pil_list(observation[k], k) for k in keys]
         single = per_camera[0][1]
         counts = {k: len(ims) for k, (ims, _) in zip(keys, per_camera)}
         if len(set(counts.values())) != 1:
             raise ValueError(f"cameras have different batch sizes {counts}")
-        # As in training: several cameras tiled into one image, or (camera_layout separate) a list per sample.
-        tile = self.camera_layout == "tile"
-        images = [tile_images(list(ims)) if tile and len(ims) > 1 else list(ims) if len(ims) > 1 else ims[0]
-                  for ims in zip(*(p[0] for p in per_camera))]
+        # A list per sample in camera order; encode lays them out as in training (tiled, or separate).
+        images = [list(ims) if len(ims) > 1 else ims[0] for ims in zip(*(p[0] for p in per_camera))]
         if "task" not in observation:
             raise ValueError(f"observation has no 'task' (the instruction string); keys: {sorted(observation)}")
         task = observation["task"]
@@ -249,10 +274,10 @@ class EnergyPolicy:
     def predict_action_chunk(self, observation: Mapping[str, Any], mode: str = "policy", normalized: bool = False,
                              **kwargs: Any) -> Tensor:
         """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
-        units (normalized=True: as the model predicts them). kwargs: num_samples, sigma, refine_steps, step_size,
-        seed, candidates ("gaussian" | "retrieval") of the rerank / mean / refine modes."""
+        units (normalized=True: as the model predicts them). kwargs: num_samples, sigma, refine_steps, step_sizes,
+        seed, candidates ("gaussian" | "layers" | "retrieval" | "samples") of the rerank / mean / refine modes."""
         images, tasks, single = self._parse_observation(observation)
-        opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_size": 0.05, "seed": 0,
+        opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_sizes": REFINE_STEP_SIZES, "seed": 0,
                 "candidates": "gaussian"}
         unknown = sorted(set(kwargs) - set(opts))
         if unknown:
@@ -284,15 +309,24 @@ class EnergyPolicy:
     def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
                     commit_message: str = "Upload vla_energy policy", revision: Optional[str] = None) -> Any:
         """Upload the policy files (not a checkpoint's optimizer / RNG state) with its model card to a hub model
-        repo (HfApi.create_repo + upload_folder); returns upload_folder's CommitInfo."""
+        repo (HfApi.create_repo + upload_folder); returns upload_folder's CommitInfo. A policy whose base model is
+        a local directory is refused (others could not load it), unless its LoRA is merged into saved weights."""
         from huggingface_hub import HfApi
 
-        from vla_energy.evaluation.report import write_model_card
-        from vla_energy.inference.serialization import POLICY_PATTERNS
+        from vla_energy.backbones.loading import TINY_PREFIX
+        from vla_energy.modeling.model_card import write_model_card
+        from vla_energy.modeling.serialization import POLICY_PATTERNS, shareable_base
 
         path = self.loaded.path
         if path is None:
             raise ValueError("this policy was not loaded from a directory: save it with save_policy first")
+        problem = shareable_base(self.loaded.info)
+        if problem is not None:
+            raise ValueError(f"{path} would not load for others from the hub: {problem}")
+        info = self.loaded.info
+        if not info.get("revision") and not info.get("merged") and not str(info["backbone"]).startswith(TINY_PREFIX):
+            warnings.warn(f"{path} names its base model {info['backbone']!r} without a revision: it loads whatever "
+                          "the hub holds under that name at the time", stacklevel=2)
         if not (path / "README.md").exists():
             write_model_card(path)
         api = HfApi(token=token)

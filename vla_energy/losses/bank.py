@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from vla_energy.checks import check_tensor
+from vla_energy.checks import check_tensor, real_steps
 from vla_energy.losses.false_negatives import lookalike_mask
 
 __all__ = ["ActionBank"]
@@ -46,7 +46,7 @@ class ActionBank:
         """Remember a (gathered) micro-batch; it enters the bank at the next commit()."""
         check_tensor("actions", actions, ("N", "H", "Da"), H=self.horizon, Da=self.action_dim)
         n = actions.shape[0]
-        mask = torch.ones(n, self.horizon, dtype=torch.bool) if action_mask is None else action_mask.bool()
+        mask = real_steps(action_mask, (n, self.horizon), actions.device)
         ids = torch.full((n,), -1, dtype=torch.long) if sample_ids is None else sample_ids.long()
         dev = self.actions.device
         self._staged.append((actions.detach().to(dev, self.actions.dtype), mask.to(dev), ids.to(dev)))

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vla_energy.checks import check_tensor
-from vla_energy.losses.false_negatives import rowwise_rms
+from vla_energy.checks import check_tensor, real_steps
+from vla_energy.losses.distances import rowwise_rms
+from vla_energy.losses.perturbation import perturb
 
 __all__ = ["ranking_candidates", "candidate_ranking_loss"]
 
@@ -34,7 +35,7 @@ def ranking_candidates(
         raise ValueError(f"num_candidates={num_candidates}, expected >= 2 (the policy's chunk and one more)")
     b, device = actions.shape[0], actions.device
     policy = policy.detach().to(actions.dtype)
-    real = torch.ones(actions.shape[:2], device=device) if action_mask is None else action_mask.to(actions.dtype)
+    real = real_steps(action_mask, actions.shape[:2], device).to(actions.dtype)
     residuals = (actions - policy) * real[..., None]
     rest = num_candidates - 1
     num_residual = rest // 2 if b > 1 else 0
@@ -44,11 +45,7 @@ def ranking_candidates(
         offsets = torch.randint(1, b, (b, num_residual), generator=generator, device=device)
         others = (torch.arange(b, device=device)[:, None] + offsets) % b
         parts.append(policy[:, None] + residuals[others])
-    s = (torch.full(actions.shape[1:], 0.1, device=device, dtype=actions.dtype) if scale is None
-         else scale.to(device, actions.dtype))
-    noise = torch.randn((b, rest - num_residual, *actions.shape[1:]), generator=generator, device=device,
-                        dtype=actions.dtype)
-    parts.append(policy[:, None] + s * noise)
+    parts.append(perturb(policy, 0.1 if scale is None else scale, generator, num=rest - num_residual))
     return torch.cat(parts, dim=1).clamp(low, high).detach()
 
 

@@ -4,40 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from vla_energy.checks import check_mask, check_tensor
+from vla_energy.losses.distances import chunk_rms
 
-__all__ = ["chunk_rms", "rowwise_rms", "lookalike_mask"]
-
-
-def rowwise_rms(positives: Tensor, chunks: Tensor, positive_mask: Optional[Tensor] = None) -> Tensor:
-    """[b, K] RMS distance (float64) of each row's chunks [b,K,H,Da] to its positive [b,H,Da], over the positive's
-    real steps (a positive without any real step is at distance 0)."""
-    pos = positives.detach().double()
-    sq = (chunks.detach().to(pos.device, torch.float64) - pos[:, None]).square().mean(dim=-1)  # [b, K, H]
-    steps = (torch.ones(pos.shape[:2], dtype=torch.float64, device=pos.device) if positive_mask is None
-             else positive_mask.to(pos.device).double())[:, None]
-    return ((sq * steps).sum(dim=-1) / steps.sum(dim=-1).clamp(min=1)).sqrt()
-
-
-def chunk_rms(positives: Tensor, chunks: Tensor, positive_mask: Optional[Tensor] = None) -> Tensor:
-    """[b, n] RMS distance (float64) of every chunk [n,H,Da] to every positive [b,H,Da], over the positive's real steps.
-
-    A positive without any real step is at distance 0 from everything (nothing tells them apart).
-    """
-    check_tensor("positives", positives, ("B", "H", "Da"))
-    b, h, da = positives.shape
-    check_tensor("chunks", chunks, ("N", "H", "Da"), H=h, Da=da)
-    pos = positives.detach().double()
-    other = chunks.detach().to(pos.device, torch.float64)
-    if positive_mask is None:
-        steps = torch.ones(b, h, dtype=torch.float64, device=pos.device)
-    else:
-        steps = check_mask("positive_mask", positive_mask, (b, h)).to(pos.device).double()
-    sq = (pos[:, None] - other[None]).square().mean(dim=-1)  # [b, n, H]
-    return ((sq * steps[:, None]).sum(dim=-1) / steps.sum(dim=-1, keepdim=True).clamp(min=1)).sqrt()
+__all__ = ["lookalike_mask"]
 
 
 def lookalike_mask(

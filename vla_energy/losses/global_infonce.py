@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vla_energy.checks import check_mask, check_tensor
+from vla_energy.checks import check_mask, check_tensor, real_steps
 from vla_energy.losses.bank import ActionBank
 from vla_energy.losses.false_negatives import lookalike_mask
 from vla_energy.losses.infonce import TauLike, finish_stats, infonce_rows, infonce_stat_sums
 from vla_energy.losses.negatives import Negatives
 
-__all__ = ["GatheredBatch", "gather_actions", "global_infonce_loss", "BATCH_MODES"]
+__all__ = ["GatheredBatch", "gather_actions", "global_infonce_loss", "BATCH_MODES", "PADDING_ID"]
 
 BATCH_MODES = ("global", "local", "none")
+# The sample id of a padding row (row_mask False): it is neither a loss row nor a column of any other row.
+PADDING_ID = -2
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -39,7 +41,7 @@ def gather_actions(
     """accelerator.gather of the chunks (never hidden states); sizes and shapes are exchanged first."""
     b, h, da = actions.shape
     dev = actions.device
-    mask = torch.ones(b, h, dtype=torch.bool, device=dev) if action_mask is None else action_mask.bool()
+    mask = real_steps(action_mask, (b, h), dev)
     ids = torch.full((b,), -1, dtype=torch.long, device=dev) if sample_ids is None else sample_ids.long().to(dev)
     world = accelerator.num_processes
     if world == 1:
@@ -104,6 +106,7 @@ def global_infonce_loss(
     batch: str = "global",
     symmetric: bool = False,
     false_negative_eps: float = 1e-2,
+    row_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """InfoNCE of each local context against all processes' chunks (+ explicit negatives + bank) in one softmax.
 
@@ -112,7 +115,9 @@ def global_infonce_loss(
     equals the gradient of one process holding all N samples, also for uneven and empty local batches.
     batch="local" is the per-process in-batch baseline; batch="none" uses only explicit negatives and the bank.
     Batch columns that are a row's own sample (sample_ids) or within `false_negative_eps` RMS of its positive (over
-    its real steps) are masked like bank entries; stats["false_negatives"] counts them per row.
+    its real steps) are masked like bank entries; stats["false_negatives"] counts them per row. `row_mask` [b]
+    (True = a sample) marks padding rows (e.g. the duplicates `even_batches` adds to an evaluation's last batch):
+    they are neither loss rows nor columns, and the loss equals that of the real rows alone.
     """
     if batch not in BATCH_MODES:
         raise ValueError(f"batch={batch!r}, expected one of {BATCH_MODES}")
@@ -124,6 +129,10 @@ def global_infonce_loss(
         check_mask("action_mask", action_mask, (b, h), device=context.device)
     if sample_ids is not None and tuple(sample_ids.shape) != (b,):
         raise ValueError(f"sample_ids has shape {tuple(sample_ids.shape)}, expected (B={b},)")
+    is_row = real_steps(row_mask, (b,), context.device, "row_mask")
+    if row_mask is not None:  # padding rows travel as a sample id that no column of a real row may take
+        ids = sample_ids if sample_ids is not None else torch.full((b,), -1, dtype=torch.long, device=context.device)
+        sample_ids = torch.where(is_row, ids.to(context.device).long(), PADDING_ID)
     types: list[str] = []
     if isinstance(negatives, Negatives):
         negative_mask, negative_types, negatives = negatives.mask, negatives.types, negatives.actions
@@ -137,10 +146,11 @@ def global_infonce_loss(
     world = accelerator.num_processes
     gathered = gather_actions(accelerator, actions, action_mask, sample_ids) if batch == "global" else None
     if bank is not None and gathered is not None:
-        bank.stage(gathered.actions, gathered.action_mask, gathered.sample_ids)
+        real = gathered.sample_ids != PADDING_ID
+        bank.stage(gathered.actions[real], gathered.action_mask[real], gathered.sample_ids[real])
 
     # Shared columns (the same chunks for every local context) and per-sample columns, scored in one forward.
-    am = torch.ones(b, h, dtype=torch.bool, device=context.device) if action_mask is None else action_mask.bool()
+    am = real_steps(action_mask, (b, h), context.device)
     shared, shared_mask, valid = [], [], []
     lookalikes = torch.zeros(b, dtype=torch.float64, device=context.device)
     same = None  # [b, N] look-alikes of each local positive among the batch columns
@@ -150,6 +160,8 @@ def global_infonce_loss(
         labels = first + torch.arange(b, device=context.device)
         # Identical chunks (idle segments, neighbouring frames, repeated samples) are not pushed apart.
         same = lookalike_mask(actions, cols, false_negative_eps, action_mask, sample_ids, col_ids).to(context.device)
+        if col_ids is not None:
+            same |= (col_ids == PADDING_ID).to(context.device)[None]
         same[torch.arange(b, device=context.device), labels] = False
         lookalikes = same.sum(dim=1).double()
         shared.append(cols)
@@ -175,8 +187,7 @@ def global_infonce_loss(
         own.append(negatives.detach())
         own_mask.append(am[:, None].expand(b, m, h))
         types += list(negative_types) if negative_types is not None else ["explicit"] * m
-        valid.append(torch.ones(b, m, dtype=torch.bool, device=context.device) if negative_mask is None
-                     else negative_mask.bool())
+        valid.append(real_steps(negative_mask, (b, m), context.device, "negative_mask"))
     energies = head(
         context,
         actions=torch.cat(own, dim=1) if own else None,
@@ -186,24 +197,25 @@ def global_infonce_loss(
         pool_action_mask=torch.cat(shared_mask) if shared else None,
     )
     valid_mask = torch.cat(valid, dim=1)
-    neg = valid_mask.clone()
+    neg = valid_mask & is_row[:, None]
     neg[torch.arange(b, device=neg.device), labels] = False
 
     # Statistics that every process shares: global means through one small all-reduce.
     e_detached = energies.detach().double()
     e_pos = e_detached[torch.arange(b, device=neg.device), labels]
-    tau_value = _global_tau(tau, accelerator, e_pos, e_detached, neg)
+    tau_value = _global_tau(tau, accelerator, e_pos[is_row], e_detached, neg)
     rows = infonce_rows(energies, labels, tau_value, valid_mask)
-    keep = neg.any(dim=1)
+    keep = neg.any(dim=1)  # padding rows have no negative
     counts = _reduce_sum(accelerator, torch.stack([torch.tensor(float(b)), keep.sum().cpu().double()])
                          .to(context.device)).cpu()
     total_rows = float(counts[1])
     # Each rank's share: DDP's mean over W ranks then gives sum over all rows / total rows.
     loss = (rows * keep).sum() * (world / max(total_rows, 1.0))
     if symmetric and gathered is not None:
-        loss = loss + _symmetric_term(energies[:, : gathered.actions.shape[0]], gathered, tau_value, world, same)
+        loss = loss + _symmetric_term(energies[:, : gathered.actions.shape[0]], gathered, tau_value, world, same,
+                                      is_row)
     stats = _global_stats(accelerator, e_detached, labels, neg, types, tau_value, head, rows.detach(), keep,
-                          lookalikes)
+                          lookalikes, is_row)
     return loss, stats
 
 
@@ -225,10 +237,12 @@ def _global_tau(tau: TauLike, accelerator: Any, e_pos: Tensor, energies: Tensor,
 
 
 def _symmetric_term(block: Tensor, gathered: GatheredBatch, tau: Tensor, world: int,
-                    same: Optional[Tensor] = None) -> Tensor:
+                    same: Optional[Tensor] = None, is_row: Optional[Tensor] = None) -> Tensor:
     """Each local action against all processes' contexts; the [N,N] matrix is built from gathered [b,N] blocks.
-    `same` [b, N]: contexts whose own chunk is a look-alike of the local action are left out, as in the rows."""
-    n = gathered.actions.shape[0]
+    `same` [b, N]: contexts whose own chunk is a look-alike of the local action are left out, as in the rows;
+    padding rows (is_row False) are neither actions nor contexts."""
+    real = gathered.sample_ids != PADDING_ID
+    n = int(real.sum())
     full = _all_gather_with_grad(block, gathered.sizes) if world > 1 else block  # [N contexts, N actions]
     b = block.shape[0]
     cols = gathered.offset + torch.arange(b, device=block.device)
@@ -236,7 +250,10 @@ def _symmetric_term(block: Tensor, gathered: GatheredBatch, tau: Tensor, world: 
     logits = -full[:, cols].to(work).t() / tau.to(work)  # [b actions, N contexts]
     if same is not None:
         logits = logits.masked_fill(same.to(logits.device), float("-inf"))
+    logits = logits.masked_fill(~real.to(logits.device)[None], float("-inf"))
     per_col = F.cross_entropy(logits, cols, reduction="none")
+    if is_row is not None:
+        per_col = torch.where(is_row, per_col, torch.zeros_like(per_col))
     return per_col.sum() * (world / max(n, 1))
 
 
@@ -251,13 +268,15 @@ def _global_stats(
     rows: Tensor,
     keep: Tensor,
     lookalikes: Tensor,
+    is_row: Tensor,
 ) -> dict[str, float]:
-    """The statistics of losses.infonce_stat_sums, summed over processes in one all-reduce, then divided."""
+    """The statistics of losses.infonce_stat_sums (over real rows), summed over processes in one all-reduce, then
+    divided."""
     cfg = getattr(head, "config", None) or getattr(getattr(head, "module", None), "config", None)
     t = float(tau.detach())
-    sums = infonce_stat_sums(energies, labels, neg, t, types, cfg.energy_range if cfg is not None else None)
+    sums = infonce_stat_sums(energies, labels, neg, t, types, cfg.energy_range if cfg is not None else None, is_row)
     sums["loss"] = ((rows.double() * keep).sum(), keep.sum().double())
-    sums["false_negatives"] = (lookalikes.sum(), torch.tensor(float(lookalikes.numel()), dtype=torch.float64, device=lookalikes.device))
+    sums["false_negatives"] = ((lookalikes * is_row).sum(), is_row.sum().double())
     packed = torch.stack([torch.stack([s.double(), w.double()]) for s, w in sums.values()])
     packed = _reduce_sum(accelerator, packed.to(energies.device)).cpu()
     return finish_stats({k: (p[0], p[1]) for k, p in zip(sums, packed)}, t)

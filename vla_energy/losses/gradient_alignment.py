@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vla_energy.checks import check_tensor
+from vla_energy.checks import check_tensor, real_steps
 
 __all__ = ["gradient_alignment_loss"]
 
@@ -32,8 +32,7 @@ def gradient_alignment_loss(
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         energies = head(context, a, context_mask=context_mask, action_mask=action_mask)
         (grad,) = torch.autograd.grad(energies.sum(), a, create_graph=True)
-    real = (torch.ones(actions.shape[:2], device=actions.device) if action_mask is None
-            else action_mask.to(actions.dtype))[..., None]
+    real = real_steps(action_mask, actions.shape[:2], actions.device).to(actions.dtype)[..., None]
     descent = (-grad * real).flatten(1).float()
     toward = ((actions.detach() - a.detach()) * real).flatten(1).float()
     cos = F.cosine_similarity(descent, toward, dim=1, eps=1e-12)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vla_energy.checks import check_mask, check_tensor
+from vla_energy.checks import check_mask, check_tensor, real_steps
 
 TauLike = Union[float, Tensor, Callable[..., Tensor]]
 
@@ -60,7 +60,7 @@ def infonce_rows(energies: Tensor, labels: Tensor, tau: Tensor | float, valid_ma
 
 def _negative_mask(energies: Tensor, labels: Tensor, valid_mask: Tensor | None) -> Tensor:
     """Boolean [B,N]: the columns that are negatives of each row (valid and not the label)."""
-    neg = torch.ones_like(energies, dtype=torch.bool) if valid_mask is None else valid_mask.clone()
+    neg = real_steps(valid_mask, tuple(energies.shape), energies.device, "valid_mask").clone()
     neg[torch.arange(energies.shape[0], device=energies.device), labels] = False
     return neg
 
@@ -76,11 +76,14 @@ def infonce_stat_sums(
     tau: float,
     column_types: Sequence[str] | None = None,
     energy_range: tuple[float, float] | None = None,
+    row_mask: Tensor | None = None,
 ) -> StatSums:
-    """(sum, weight) per statistic, so that processes can add theirs before dividing (see finish_stats)."""
+    """(sum, weight) per statistic, so that processes can add theirs before dividing (see finish_stats); rows
+    outside `row_mask` (padding) count in none."""
     e = energies.detach().double()
     b = e.shape[0]
-    rows = torch.ones(b, dtype=torch.float64, device=e.device)
+    rows = real_steps(row_mask, (b,), e.device, "row_mask").double()
+    neg = neg & rows.bool()[:, None]
     e_pos = e[torch.arange(b, device=e.device), labels]
     counts = neg.sum(dim=1).double()
     # A positive "wins" when it has strictly lower energy than every negative it was compared with.
@@ -89,11 +92,11 @@ def infonce_stat_sums(
     if energy_range is not None:
         floor = torch.log1p(counts * math.exp(-(energy_range[1] - energy_range[0]) / float(tau)))
     sums: StatSums = {
-        "e_pos": (e_pos.sum(), rows.sum()),
+        "e_pos": ((e_pos * rows).sum(), rows.sum()),
         "e_neg": ((e * neg).sum(), counts.sum()),
-        "acc": ((e_pos < lowest).double().sum(), rows.sum()),
+        "acc": (((e_pos < lowest).double() * rows).sum(), rows.sum()),
         "num_negatives": (counts.sum(), rows.sum()),
-        "loss_floor": (floor.sum(), rows.sum()),
+        "loss_floor": ((floor * rows).sum(), rows.sum()),
     }
     if column_types is not None:
         if len(column_types) != e.shape[1]:

@@ -19,8 +19,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from vla_energy.checks import check_mask, check_tensor
-from vla_energy.losses.false_negatives import rowwise_rms
+from vla_energy.checks import check_mask, check_tensor, real_steps
+from vla_energy.losses.distances import rowwise_rms
+from vla_energy.losses.perturbation import perturb
 
 __all__ = [
     "LAYER_MODES",
@@ -119,12 +120,6 @@ def select_layer_negatives(
     return [layers[mid]], [f"layer{mid}"]
 
 
-def _noise(actions: Tensor, sigma: float, generator: Optional[torch.Generator]) -> Tensor:
-    work = torch.promote_types(actions.dtype, torch.float32)
-    eps = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=work)
-    return (actions.to(work) + sigma * eps).to(actions.dtype)
-
-
 def _check_sigma(sigma: float) -> float:
     sigma = float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
@@ -139,7 +134,7 @@ def noise_negatives(
     check_tensor("actions", actions, ("B", "H", "Da"))
     _check_generator(generator, actions.device)
     sigmas = [_check_sigma(s) for s in sigmas]
-    return [_noise(actions, s, generator) for s in sigmas], [f"noise{s:g}" for s in sigmas]
+    return [perturb(actions, s, generator) for s in sigmas], [f"noise{s:g}" for s in sigmas]
 
 
 def temporal_shuffle(actions: Tensor, generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
@@ -169,10 +164,7 @@ def false_negative_mask(
     check_tensor("negatives", negatives, ("B", "M", "H", "Da"), device=actions.device, B=b, H=h, Da=da)
     if eps < 0:
         raise ValueError(f"false_negative_eps={eps}, expected >= 0")
-    if action_mask is None:
-        real = torch.ones(b, h, dtype=torch.bool, device=actions.device)
-    else:
-        real = check_mask("action_mask", action_mask, (b, h), device=actions.device).bool()
+    real = real_steps(action_mask, (b, h), actions.device)
     rms = rowwise_rms(actions, negatives, real)
     return (rms > eps) & real.any(dim=1, keepdim=True)
 
@@ -219,7 +211,7 @@ def build_negatives(
     for sigma in sigmas:
         if len(negs) >= num_negatives:
             break
-        negs.append(_noise(actions, sigma, generator))
+        negs.append(perturb(actions, sigma, generator))
         types.append(f"noise{sigma:g}")
     if shuffle and len(negs) < num_negatives:
         shuffled = temporal_shuffle(actions, generator)
@@ -228,7 +220,7 @@ def build_negatives(
             types.append("shuffle")
     while len(negs) < num_negatives:
         sigma = 0.3 + 0.1 * len(negs)
-        negs.append(_noise(actions, sigma, generator))
+        negs.append(perturb(actions, sigma, generator))
         types.append(f"noise{sigma:g}")
     negs, types = negs[:num_negatives], types[:num_negatives]
     stacked = torch.stack([n.to(actions.dtype) for n in negs], dim=1).detach()

@@ -7,8 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from vla_energy.checks import check_tensor
+from vla_energy.checks import check_tensor, real_steps
 from vla_energy.losses.negatives import Negatives, false_negative_mask
+from vla_energy.losses.perturbation import perturb
 
 __all__ = ["RunningPolicyError", "policy_negatives", "concat_negatives"]
 
@@ -27,8 +28,7 @@ class RunningPolicyError:
     def update(self, accelerator: Any, policy: Tensor, actions: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
         """Fold this step's global error in; returns the scale [H,Da]."""
         check_tensor("policy", policy, ("B", "H", "Da"), H=self.scale.shape[0], Da=self.scale.shape[1])
-        real = (torch.ones(policy.shape[:2], device=policy.device) if action_mask is None
-                else action_mask.to(policy.device).double())
+        real = real_steps(action_mask, policy.shape[:2], policy.device).double()
         sq = ((policy.detach().double() - actions.double()).square() * real[..., None]).sum(dim=0)  # [H,Da]
         sums = torch.cat([sq, real.double().sum(dim=0)[:, None]], dim=1)  # [H,Da+1]
         if accelerator.num_processes > 1:
@@ -73,10 +73,8 @@ def policy_negatives(
     if num_near > 0:
         if scale is None:
             raise ValueError("num_near > 0 needs the policy error scale [H, Da]")
-        s = scale.to(actions.device, actions.dtype)
         for _ in range(num_near):
-            noise = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=actions.dtype)
-            negs.append(actions + s * noise)
+            negs.append(perturb(actions, scale, generator))
             types.append("policy_error_noise")
     if own:
         negs.append(policy.detach().to(actions.dtype))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional, Union
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +20,7 @@ except ImportError:  # transformers 4.x
     from torch.nn.init import normal_ as _normal
     from torch.nn.init import zeros_ as _zeros
 
-__all__ = ["EnergyHeadConfig", "EnergyHead"]
+__all__ = ["EnergyHeadConfig", "EnergyHead", "EncodedContext"]
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -30,6 +33,20 @@ def _merge_heads(x: Tensor) -> Tensor:
     """[..., heads, T, dh] -> [..., T, heads*dh]."""
     *lead, h, t, dh = x.shape
     return x.transpose(-3, -2).reshape(*lead, t, h * dh)
+
+
+@dataclass
+class EncodedContext:
+    """A context as the energy head's blocks read it (EnergyHead.encode_context): per-block keys and values."""
+
+    kv: tuple[tuple[Tensor, Tensor], ...]  # per block: keys, values [B, heads, S, d/heads]
+    keep: Optional[Tensor]  # [B,1,1,S] True = a real token; None = every token is real
+    batch_size: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the keys and values are."""
+        return self.kv[0][0].device
 
 
 class EnergyBlock(nn.Module):
@@ -51,7 +68,7 @@ class EnergyBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, config.mlp_ratio * d), nn.GELU(), nn.Linear(config.mlp_ratio * d, d))
 
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of the projected context [B,S,d], computed once per forward."""
+        """Keys and values of the projected context [B,S,d], computed once per context."""
         k, v = self.cross_kv(context).chunk(2, dim=-1)
         return _split_heads(k, self.num_heads), _split_heads(v, self.num_heads)
 
@@ -101,62 +118,87 @@ class EnergyHead(PreTrainedModel):
         """(min, max) energy for a bounded activation, None when unbounded."""
         return self.config.energy_range
 
+    def encode_context(self, context: Tensor, context_mask: Optional[Tensor] = None) -> EncodedContext:
+        """The context [B,S,D] projected and turned into every block's keys and values, once for any number of calls.
+
+        Pass the result as `context` to forward / score_pool (and rerank / refine): energies are the same as from
+        the raw context, without recomputing the projection per call.
+        """
+        b = self._check_context(context, context_mask)
+        ctx = self.context_proj(context.to(self.dtype))
+        keep = None if context_mask is None else context_mask.bool()[:, None, None, :]
+        return EncodedContext(tuple(block.context_kv(ctx) for block in self.blocks), keep, b)
+
     def forward(
         self,
-        context: Tensor,
-        actions: Tensor | None = None,
-        context_mask: Tensor | None = None,
-        action_mask: Tensor | None = None,
-        pool: Tensor | None = None,
-        pool_action_mask: Tensor | None = None,
+        context: Union[Tensor, EncodedContext],
+        actions: Optional[Tensor] = None,
+        context_mask: Optional[Tensor] = None,
+        action_mask: Optional[Tensor] = None,
+        pool: Optional[Tensor] = None,
+        pool_action_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """Energies: actions [B,H,Da] -> [B]; [B,K,H,Da] -> [B,K]; pool [N,H,Da] -> [B,N] (every context x chunk).
 
         With both `pool` and per-sample `actions` [B,K,H,Da]: [B, N+K], pool columns first, in one forward (one
-        DDP/FSDP forward per step even when a loss needs both kinds of candidates).
+        DDP/FSDP forward per step even when a loss needs both kinds of candidates). `context`: hidden states [B,S,D]
+        or what encode_context made of them (then without context_mask, which it holds).
         """
         if actions is None and pool is None:
             raise ValueError("pass `actions` [B,H,Da] / [B,K,H,Da], `pool` [N,H,Da], or both")
+        encoded = self._encoded(context, context_mask)
         if pool is not None:
-            pooled = self.score_pool(context, pool, context_mask=context_mask, pool_action_mask=pool_action_mask)
+            pooled = self.score_pool(encoded, pool, pool_action_mask=pool_action_mask)
             if actions is None:
                 return pooled
             if actions.dim() != 4:
                 raise ValueError(f"actions has shape {tuple(actions.shape)}, expected (B, K, H, Da) with a pool")
-            own = self.forward(context, actions, context_mask=context_mask, action_mask=action_mask)
+            own = self.forward(encoded, actions, action_mask=action_mask)
             return torch.cat([pooled, own], dim=1)
         cfg = self.config
-        b = self._check_context(context, context_mask)
+        b, device = encoded.batch_size, encoded.device
         single = actions.dim() == 3
         shape = ("B", "H", "Da") if single else ("B", "K", "H", "Da")
-        check_tensor("actions", actions, shape, B=b, H=cfg.horizon, Da=cfg.action_dim, device=context.device)
+        check_tensor("actions", actions, shape, B=b, H=cfg.horizon, Da=cfg.action_dim, device=device)
         chunks = actions.unsqueeze(1) if single else actions
         if action_mask is not None:
-            check_mask("action_mask", action_mask, tuple(actions.shape[:-1]), device=context.device)
+            check_mask("action_mask", action_mask, tuple(actions.shape[:-1]), device=device)
             action_mask = action_mask.unsqueeze(1) if single else action_mask
-        energies = self._energies(context, context_mask, self._embed(chunks), action_mask)
+        energies = self._energies(encoded, self._embed(chunks), action_mask)
         return energies.squeeze(1) if single else energies
 
     def score_pool(
         self,
-        context: Tensor,
+        context: Union[Tensor, EncodedContext],
         pool: Tensor,
-        context_mask: Tensor | None = None,
-        pool_action_mask: Tensor | None = None,
+        context_mask: Optional[Tensor] = None,
+        pool_action_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """Energy of every context against every chunk of a shared pool [N,H,Da] -> [B,N]."""
         cfg = self.config
-        b = self._check_context(context, context_mask)
-        check_tensor("pool", pool, ("N", "H", "Da"), H=cfg.horizon, Da=cfg.action_dim, device=context.device)
+        encoded = self._encoded(context, context_mask)
+        b, device = encoded.batch_size, encoded.device
+        check_tensor("pool", pool, ("N", "H", "Da"), H=cfg.horizon, Da=cfg.action_dim, device=device)
         n = pool.shape[0]
         if pool_action_mask is not None:
-            check_mask("pool_action_mask", pool_action_mask, (n, cfg.horizon), device=context.device)
+            check_mask("pool_action_mask", pool_action_mask, (n, cfg.horizon), device=device)
             pool_action_mask = pool_action_mask.unsqueeze(0).expand(b, n, cfg.horizon)
         # The pool is embedded once and shared by all B contexts.
         tokens = self._embed(pool.unsqueeze(0)).expand(b, n, cfg.horizon, cfg.hidden_dim)
-        return self._energies(context, context_mask, tokens, pool_action_mask)
+        return self._energies(encoded, tokens, pool_action_mask)
 
-    def _check_context(self, context: Tensor, context_mask: Tensor | None) -> int:
+    def _encoded(self, context: Union[Tensor, EncodedContext], context_mask: Optional[Tensor]) -> EncodedContext:
+        """`context` as encode_context returns it (encoded now when it is hidden states)."""
+        if not isinstance(context, EncodedContext):
+            return self.encode_context(context, context_mask)
+        if context_mask is not None:
+            raise ValueError("context is already encoded (encode_context), with its mask: pass no context_mask")
+        if len(context.kv) != len(self.blocks):
+            raise ValueError(f"the encoded context has keys and values of {len(context.kv)} blocks, this head has "
+                             f"{len(self.blocks)}: encode it with this head's encode_context")
+        return context
+
+    def _check_context(self, context: Tensor, context_mask: Optional[Tensor]) -> int:
         check_tensor("context", context, ("B", "S", "D"), D=self.config.context_dim)
         b, s = context.shape[:2]
         if context_mask is not None:
@@ -172,13 +214,9 @@ class EnergyHead(PreTrainedModel):
         steps = torch.arange(self.config.horizon, device=chunks.device)
         return self.action_embed(chunks.to(self.dtype)) + self.step_embed(steps)
 
-    def _energies(
-        self, context: Tensor, context_mask: Tensor | None, tokens: Tensor, action_mask: Tensor | None
-    ) -> Tensor:
+    def _energies(self, encoded: EncodedContext, tokens: Tensor, action_mask: Optional[Tensor]) -> Tensor:
         """Run the blocks on candidate tokens [B,K,H,d] and map the pooled result to energies [B,K] (float32)."""
         b, k, h, _ = tokens.shape
-        ctx = self.context_proj(context.to(self.dtype))
-        context_keep = None if context_mask is None else context_mask.bool()[:, None, None, :]
         if action_mask is None:
             step_keep, weights = None, tokens.new_full((b, k, h, 1), 1.0 / h)
         else:
@@ -189,8 +227,8 @@ class EnergyHead(PreTrainedModel):
             weights = keep.to(tokens.dtype).unsqueeze(-1)
             weights = weights / weights.sum(dim=2, keepdim=True)
         x = tokens
-        for block in self.blocks:
-            x = block(x, block.context_kv(ctx), context_keep, step_keep)
+        for block, kv in zip(self.blocks, encoded.kv):
+            x = block(x, kv, encoded.keep, step_keep)
         # Only real steps contribute to a chunk's energy.
         pooled = (self.out_norm(x) * weights).sum(dim=2)
         # Energies and logits in float32 (or float64) even under bf16/fp16 autocast.

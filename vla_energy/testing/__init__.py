@@ -1,1 +1,1 @@
-"""Tiny offline backbones for the tests and the demo; never imported by a run on a real checkpoint."""
+"""Test utilities (small LeRobot datasets, a Prismatic-style model with custom code); never imported by library code."""

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
 
 from vla_energy.backbones.lora import LoraArguments
 from vla_energy.data import DataConfig
-from vla_energy.losses.strategy import STRATEGIES
+from vla_energy.modeling.configuration_energy import EnergyArguments
 
 __all__ = [
-    "ModelArguments", "EnergyArguments", "TrainArguments", "RENAMED_OPTIONS", "CONFIG_CLASSES", "parse_config", "load_yaml", "save_run_config",
-    "load_run_config",
+    "ModelArguments", "EnergyArguments", "TrainArguments", "RENAMED_OPTIONS", "CONFIG_CLASSES",
+    "parse_config", "build_parser", "load_yaml", "save_run_config", "load_run_config", "run_config_dict",
 ]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -30,6 +34,17 @@ class ModelArguments:
         metadata={"help": "An HF model id or local directory loadable with AutoProcessor + AutoModelForImageTextToText, "
                           "or a tiny random real-format checkpoint built offline for tests and the demo: tiny-llava, "
                           "tiny-paligemma, tiny-idefics3, tiny-qwen2_vl, tiny-qwen2_5_vl (docs/backbones.md)."},
+    )
+    base_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "With a local backbone directory: the hub id (org/name) it is a copy of, recorded in the "
+                          "saved policy so that it loads elsewhere and can be pushed to the hub (a copy in the hub "
+                          "cache is recognised without it)."},
+    )
+    base_model_revision: Optional[str] = field(
+        default=None,
+        metadata={"help": "The hub commit (or tag) of base_model_id that the local copy holds, recorded in the "
+                          "policy (default: none, the policy loads the hub's current revision)."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the checkpoint (OpenVLA-style repos)."}
@@ -67,97 +82,11 @@ class ModelArguments:
                 raise ValueError(f"processor_kwargs={self.processor_kwargs!r} is not a JSON object: {e}") from None
         if self.processor_kwargs is not None and not isinstance(self.processor_kwargs, dict):
             raise ValueError(f"processor_kwargs={self.processor_kwargs!r}, expected a mapping of processor options")
-
-
-@dataclass
-class EnergyArguments:
-    """Energy-head options: loss weights, negatives, temperature, head size (docs/background.md: the defaults)."""
-
-    energy_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the energy loss in the total."})
-    l1_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the policy's action L1 loss."})
-    strategy: str = field(
-        default="combined",
-        metadata={"help": f"Which negatives each positive meets, one of {STRATEGIES} (docs/concepts.md)."},
-    )
-    tau: float = field(default=0.3, metadata={"help": "InfoNCE temperature (logits = -energy / tau)."})
-    temperature: str = field(
-        default="fixed",
-        metadata={"help": "fixed | adaptive (tau halves when the energy gap is < 0.1, doubles when > 1.0) | "
-                          "learnable (CLIP-style, clamped)."},
-    )
-    num_negatives: int = field(default=8, metadata={"help": "Explicit negatives per positive (M)."})
-    layer_negatives: str = field(
-        default="fixed",
-        metadata={"help": "Layer-wise action predictions as negatives: fixed (layers [0, L//3, L//2, -2]) | "
-                          "mid_energy (the middle-energy layer) | none."},
-    )
-    noise_sigmas: list[float] = field(
-        default_factory=lambda: [0.1, 0.2, 0.4],
-        metadata={"help": "Standard deviations of the Gaussian-noise negatives (ground truth + noise)."},
-    )
-    shuffle_negative: bool = field(default=True, metadata={"help": "Add a temporal-shuffle negative of the chunk."})
-    false_negative_eps: float = field(
-        default=1e-2, metadata={"help": "Negatives within this RMS distance of the positive are masked."}
-    )
-    policy_error_negatives: int = field(
-        default=0, metadata={"help": "Near negatives per positive: truth + noise at the running policy error's scale "
-                                     "per step and action dim (0: none; needs explicit negatives)."}
-    )
-    policy_negative: bool = field(
-        default=False, metadata={"help": "The policy's own chunk (detached) as a negative when farther than "
-                                         "false_negative_eps from the truth (needs explicit negatives)."}
-    )
-    candidate_ranking: int = field(
-        default=0, metadata={"help": "Candidates per positive for a listwise ranking loss (0: off): the policy's chunk, "
-                                     "it plus other rows' errors and it plus noise at its error scale, whose energies "
-                                     "are trained to follow their distance to the truth (docs/selection.md)."}
-    )
-    candidate_ranking_weight: float = field(default=1.0, metadata={"help": "Weight of the candidate ranking loss."})
-    ranking_target_temperature: float = field(
-        default=0.1, metadata={"help": "Ranking targets softmax(-d / (t * mean d)) over candidate distances d: this t."}
-    )
-    grad_align_weight: float = field(
-        default=0.0, metadata={"help": "Weight of a term making -dE/da at truth + policy-scale noise point toward the "
-                                       "truth (for refinement; 0: off)."}
-    )
-    bank_size: int = field(default=0, metadata={"help": "ActionBank size: recent gathered chunks as negatives (0: none)."})
-    symmetric: bool = field(default=False, metadata={"help": "Add the symmetric (action -> contexts) term."})
-    context_layer: int = field(default=-1, metadata={"help": "Backbone layer whose hidden states are the context."})
-    state_in_energy_context: bool = field(
-        default=True, metadata={"help": "With use_state: the projected state is one more token of the energy head's "
-                                        "context (besides its state token in the backbone's input)."}
-    )
-    context_includes_placeholders: bool = field(
-        default=True, metadata={"help": "The energy context includes the action placeholders' hidden states."}
-    )
-    detach_context: bool = field(
-        default=True, metadata={"help": "Stop the energy loss's gradient at the backbone (it then moves only heads)."}
-    )
-    energy_hidden_dim: int = field(default=128, metadata={"help": "Energy head width."})
-    energy_num_heads: int = field(default=4, metadata={"help": "Energy head attention heads."})
-    energy_num_layers: int = field(default=2, metadata={"help": "Energy head blocks."})
-    energy_dropout: float = field(default=0.0, metadata={"help": "Energy head dropout."})
-    energy_activation: str = field(
-        default="sigmoid",
-        metadata={"help": "Bounding of the energy: sigmoid (E = scale * sigmoid(input_scale * raw) + offset) | "
-                          "softplus | none."},
-    )
-    energy_input_scale: float = field(default=0.5, metadata={"help": "Factor on the raw energy inside the sigmoid."})
-    energy_scale: float = field(default=2.0, metadata={"help": "Range of the bounded energy."})
-    energy_offset: float = field(default=0.1, metadata={"help": "Lowest energy: E in (offset, offset + scale)."})
-    action_head_dim: int = field(default=256, metadata={"help": "Width of the action head's MLP."})
-    negatives_seed: int = field(
-        default=0, metadata={"help": "Seed of the noise/shuffle negatives (mixed with the process index and step)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.candidate_ranking < 0 or self.candidate_ranking == 1:
-            raise ValueError(f"candidate_ranking={self.candidate_ranking}, expected 0 (off) or >= 2 candidates")
-        if self.grad_align_weight < 0 or self.candidate_ranking_weight < 0:
-            raise ValueError(f"grad_align_weight={self.grad_align_weight} and candidate_ranking_weight="
-                             f"{self.candidate_ranking_weight}: expected >= 0")
-        if self.ranking_target_temperature <= 0:
-            raise ValueError(f"ranking_target_temperature={self.ranking_target_temperature}, expected > 0")
+        if self.base_model_id is not None and not _HUB_ID.match(self.base_model_id):
+            raise ValueError(f"base_model_id={self.base_model_id!r}, expected a hub model id like org/name")
+        if self.base_model_revision is not None and self.base_model_id is None:
+            raise ValueError(f"base_model_revision={self.base_model_revision!r} needs base_model_id (the hub id the "
+                             "revision belongs to)")
 
 
 @dataclass
@@ -166,6 +95,11 @@ class TrainArguments:
 
     run_name: str = field(default="demo", metadata={"help": "Run directory name under output_dir, and tracker run."})
     output_dir: str = field(default="runs", metadata={"help": "The run is written to <output_dir>/<run_name>/."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete what <output_dir>/<run_name>/ holds before training. Without it (or "
+                          "resume_from_checkpoint) a run directory that holds a run is refused."},
+    )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Local training batch per process."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Local evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -217,9 +151,13 @@ class TrainArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed of model init, data order and negatives."})
     report_to: str = field(
-        default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated (tensorboard, wandb, ...), or none."}
+        default="tensorboard",
+        metadata={"help": "accelerate tracker(s), comma-separated (tensorboard, wandb, ...), or none; a tracker whose "
+                          "package is not installed is skipped with a message (metrics.json has every logged value)."},
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log metrics every N steps (to the trackers; with disable_tqdm also printed)."}
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     on_nonfinite: str = field(default="skip", metadata={"help": "raise | skip: what a NaN/Inf loss does."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars (they show on the main process)."})
@@ -251,6 +189,9 @@ class TrainArguments:
             raise ValueError(f"retrieval_chunks={self.retrieval_chunks}, expected >= 0 (0: none)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit}, expected >= 1 or None")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ValueError(f"overwrite_output_dir deletes the run that resume_from_checkpoint="
+                             f"{self.resume_from_checkpoint!r} would continue: pass one of them")
 
 
 # Options renamed to the transformers.TrainingArguments names: an old name fails with a message naming the new one.
@@ -335,13 +276,66 @@ def _config_argument(argv: list[str]) -> Optional[str]:
     return None
 
 
+class GroupedArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose --help shows each dataclass's options under its name and docstring."""
+
+    def _add_dataclass_arguments(self, dtype: Any) -> None:
+        group = self.add_argument_group(dtype.__name__, _without_doc_links(dtype.__doc__ or ""))
+        hints = get_type_hints(dtype)
+        for f in fields(dtype):
+            if f.init:
+                f.type = hints[f.name]
+                self._parse_dataclass_field(group, f)
+
+
+_DOC_LINK = re.compile(r"\s*\((?:see )?docs/[^)]*\)")
+
+
+def _without_doc_links(text: str) -> str:
+    # A pip install has no docs/ directory: --help leaves those references out.
+    return _DOC_LINK.sub("", " ".join(text.split()))
+
+
+class CompactHelpFormatter(argparse.HelpFormatter):
+    """One name per option (not HfArgumentParser's --dashed-alias too), a short value placeholder, the default."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or not action.option_strings[0].startswith("--"):
+            return super()._format_action_invocation(action)
+        name = action.option_strings[0]
+        if action.nargs == 0:
+            return name
+        if action.nargs == "?":
+            return f"{name} [true|false]"
+        if action.choices:
+            return f"{name} {{{','.join(map(str, action.choices))}}}"
+        return f"{name} {({int: 'INT', float: 'FLOAT'}).get(action.type, 'VALUE')}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+            and action.nargs != 0
+        return (action.help or "") + (f" (default: {action.default})".replace("%", "%%") if shown else "")
+
+
+def build_parser(prog: Optional[str] = None, description: Optional[str] = None) -> HfArgumentParser:
+    """The recipe's option parser: one group per dataclass of CONFIG_CLASSES, and --config."""
+    parser = GroupedArgumentParser(CONFIG_CLASSES, prog=prog, description=description,
+                                   formatter_class=CompactHelpFormatter)
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"The same as --{action.dest} false."
+        elif action.help:
+            action.help = _without_doc_links(action.help)
+    parser.add_argument("--config", type=str, default=None,
+                        help=f"YAML file of options, or a shipped config name {shipped_configs()}; flags override it.")
+    return parser
+
+
 def parse_config(argv: Optional[list[str]] = None) -> tuple:
     """(model, data, lora, energy, train) arguments from `--config file.yaml|name` plus command-line overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
     check_option_names([a[2:].split("=", 1)[0] for a in argv if a.startswith("--")], "command line")
-    parser = HfArgumentParser(CONFIG_CLASSES)
-    parser.add_argument("--config", type=str, default=None,
-                        help=f"YAML file of options, or a shipped config name {shipped_configs()}; flags override it.")
+    parser = build_parser()
     config = _config_argument(argv)
     if config is not None:
         parser.set_defaults(**load_yaml(resolve_config(config)))
@@ -355,10 +349,16 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple:
 RUN_CONFIG = "run_config.json"
 
 
-def save_run_config(run_dir: str | Path, configs: tuple) -> Path:
+def run_config_dict(configs: tuple) -> dict[str, dict[str, Any]]:
+    """All options of a run, one section per dataclass: the content of run_config.json."""
+    return {type(c).__name__: asdict(c) for c in configs}
+
+
+def save_run_config(run_dir: str | Path, configs: tuple | dict[str, Any]) -> Path:
     """All options of a run as JSON, one section per dataclass (read back by load_run_config)."""
     path = Path(run_dir) / RUN_CONFIG
-    path.write_text(json.dumps({type(c).__name__: asdict(c) for c in configs}, indent=2))
+    content = configs if isinstance(configs, dict) else run_config_dict(configs)
+    path.write_text(json.dumps(content, indent=2))
     return path
 
 

@@ -18,7 +18,7 @@ from accelerate import Accelerator, PartialState
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["TrainState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "save_states", "load_states",
+__all__ = ["TrainState", "LossState", "save_checkpoint", "latest_checkpoint", "resolve_resume", "save_states", "load_states",
            "COMPLETE_MARKER", "rotate_checkpoints", "register_checkpoint_hooks", "trainable_keys",
            "find_resume_checkpoint"]
 
@@ -41,6 +41,19 @@ class TrainState:
         values = json.loads(state["json"])
         self.step, self.micro_step = int(values["step"]), int(values["micro_step"])
         self.skipped_steps, self.history = int(values["skipped_steps"]), list(values["history"])
+
+
+class LossState:
+    """The plugin's loss state (bank, running policy error, negative draws) as a checkpointable object."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plugin.loss_state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plugin.load_loss_state_dict(state)
 
 
 def save_states(folder: Path, objects: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ policy: the benchmarks of docs/selection.md do this. The loss is the plugin's ow
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from vla_energy.backbones.readout import BackboneReadout
 from vla_energy.evaluation.metrics import EvalResult, _pad_contexts
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.process_group import ProcessGroup
-from vla_energy.training.plugin import EnergyPlugin
 
-__all__ = ["HeadOnlyResult", "train_energy_head", "collect_run_outputs", "retrain_energy_head"]
+__all__ = ["HeadOnlyResult", "train_energy_head", "collect_run_outputs", "retrain_energy_head", "default_head_dir"]
 
 
 @dataclass
@@ -74,11 +74,12 @@ def train_energy_head(
         raise ValueError(f"max_steps={max_steps} and batch_size={batch_size}: expected >= 1 and >= 2")
     device = torch.device(device)
     group = ProcessGroup(device)
+    plugin.to(device)
     plugin.setup(group, min(batch_size, n))
     plugin.generator.manual_seed(seed)
     modules = plugin.energy_modules()
     for m in modules:
-        m.to(device).train()
+        m.train()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -107,21 +108,32 @@ def collect_run_outputs(loaded: Any, run_config: tuple, splits: dict[str, int], 
     of its run's dataset, and "train_chunks": every training chunk [N,H,Da]."""
     from torch.utils.data import DataLoader
 
-    from vla_energy.data import VLACollator, build_datasets
-    from vla_energy.evaluation.metrics import collect_eval_outputs, spread_indices
+    from vla_energy.data import build_datasets
+    from vla_energy.data.split import spread_indices
+    from vla_energy.evaluation.metrics import collect_eval_outputs
 
-    model_cfg, data_cfg = run_config[0], run_config[1]
+    data_cfg = run_config[1]
     train_ds, val_ds, _ = build_datasets(data_cfg, progress=progress)
-    collator = VLACollator(loaded.processor, horizon=data_cfg.horizon, action_token=loaded.info["action_token"],
-                           state_token=loaded.info.get("state_token"), processor_kwargs=model_cfg.processor_kwargs)
+    collator = loaded.collator()
     out: dict[str, Any] = {}
     for name, count in splits.items():
         ds = {"train": train_ds, "val": val_ds}[name]
         loader = DataLoader(ds.select(spread_indices(len(ds), count)), batch_size=64, collate_fn=collator)
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
-        out[name] = collect_eval_outputs(loaded.backbone, loaded.plugin, batches, progress=progress)
+        out[name] = collect_eval_outputs(loaded.model, batches, progress=progress, total=len(loader))
     out["train_chunks"] = train_ds.select_columns(["actions"]).with_format("torch")[:]["actions"].float()
     return out
+
+
+def default_head_dir(path: str | Path) -> Path:
+    """Where `vla-energy train-head PATH` writes by default: beside the policy, `<policy dir>_head` (a run
+    directory's model/ -> model_head/)."""
+    from vla_energy.modeling.serialization import resolve_policy_dir
+
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"{path!r} is not a local directory: pass where to write the new policy (output_dir)")
+    policy_dir = resolve_policy_dir(path)
+    return policy_dir.with_name(policy_dir.name + "_head")
 
 
 def retrain_energy_head(
@@ -134,35 +146,50 @@ def retrain_energy_head(
     overrides: Optional[dict[str, Any]] = None,
     device: str = "cpu",
     progress: bool = True,
+    output_dir: Optional[str | Path] = None,
+    overwrite_output_dir: bool = False,
 ) -> Path:
     """Train a fresh energy head on a saved policy's own contexts (its run's training split, up to max_samples
-    evenly spread) and write it into the policy in place of the old one (`vla-energy train-head`).
+    evenly spread) and write a new policy with it (`vla-energy train-head`); the saved policy stays as it was.
 
-    `overrides`: EnergyArguments changes for this head (e.g. {"candidate_ranking": 16}); the head's size follows
-    the run's options. Returns the policy directory.
+    `output_dir` (default: default_head_dir) must not hold anything unless overwrite_output_dir; its model card
+    and policy_config.json record the head-only training and carry none of the old head's metrics. `overrides`:
+    EnergyArguments changes for this head (e.g. {"candidate_ranking": 16}); the head's size follows the run's
+    options. Returns the new policy directory.
     """
-    from vla_energy.inference.serialization import POLICY_CONFIG, load_policy, resolve_policy_dir
+    from vla_energy.modeling.model_card import write_model_card
+    from vla_energy.modeling.serialization import POLICY_CONFIG, load_policy, resolve_policy_dir
     from vla_energy.training.arguments import load_run_config
-    from vla_energy.training.plugin import EnergyPlugin
 
-    policy_dir = resolve_policy_dir(path)
     if max_samples < 2:
         raise ValueError(f"max_samples={max_samples}, expected >= 2")
+    policy_dir = resolve_policy_dir(path)
+    out = Path(output_dir) if output_dir is not None else default_head_dir(path)
+    if out.resolve() == policy_dir.resolve():
+        raise ValueError(f"output_dir {out} is the policy being retrained: write the new policy elsewhere (the "
+                         "run's metrics, report and evaluations describe the old head)")
+    if out.exists() and any(out.iterdir()) and not overwrite_output_dir:
+        raise FileExistsError(f"{out} already holds files: pass --overwrite_output_dir to replace them, or another "
+                              "--output_dir")
     run_config = load_run_config(policy_dir)
     loaded = load_policy(policy_dir, device=device)
     outputs = collect_run_outputs(loaded, run_config, {"train": max_samples}, device, progress)
     train = outputs["train"]
-    args = replace(loaded.plugin.args, **(overrides or {}))
+    old = loaded.plugin
     torch.manual_seed(seed)
-    plugin = EnergyPlugin(args, train.contexts[0].shape[-1], train.actions[0].shape[-1], train.actions[0].shape[0],
-                          action_token_id=loaded.plugin.action_token_id)
+    plugin = EnergyPlugin.from_config_dict({**old.config_dict(), "args": asdict(replace(old.args, **(overrides or {})))})
+    # The policy's own parts stay as trained; only the energy side starts fresh.
+    for name in ("action_head", "state_projector"):
+        if getattr(old, name) is not None:
+            getattr(plugin, name).load_state_dict(getattr(old, name).state_dict())
     result = train_energy_head(plugin, train, max_steps, batch_size, learning_rate, seed=seed, device=device,
                                progress=progress)
-    plugin.energy_head.to(torch.float32).save_pretrained(policy_dir / "energy_head")
-    info = json.loads((policy_dir / POLICY_CONFIG).read_text())
-    info["plugin"]["args"] = {**info["plugin"]["args"], **(overrides or {})}
-    info["energy_head_retrained"] = {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": learning_rate,
-                                     "samples": len(train.actions), "seed": seed, "loss_first": result.first,
-                                     "loss_last": result.last}
-    (policy_dir / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
-    return policy_dir
+    loaded.model.plugin = plugin.to(device=device, dtype=next(old.parameters()).dtype)
+    loaded.save(out)
+    info = json.loads((out / POLICY_CONFIG).read_text())
+    info["energy_head_retrained"] = {"from": str(policy_dir), "max_steps": max_steps, "batch_size": batch_size,
+                                     "learning_rate": learning_rate, "samples": len(train.actions), "seed": seed,
+                                     "loss_first": result.first, "loss_last": result.last}
+    (out / POLICY_CONFIG).write_text(json.dumps(info, indent=2))
+    write_model_card(out)
+    return out

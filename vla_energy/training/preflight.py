@@ -1,12 +1,101 @@
-"""Checks run before the first training step: what the evaluation needs, and the optional extras a run asks for."""
+"""Checks run before any training process starts or the first training step: the options, the dataset's presence,
+the run directory, what the evaluation needs, and the optional extras a run asks for."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-__all__ = ["EVAL_STRATEGIES", "check_evaluation", "check_trackers"]
+from vla_energy.checks import UsageError
+
+__all__ = ["EVAL_STRATEGIES", "ConfigError", "checked_config", "check_run_dir", "clear_run_dir", "check_resume_options",
+           "check_evaluation", "check_trackers", "TRACKER_PACKAGES"]
+
+
+class ConfigError(UsageError):
+    """A configuration the run cannot start with (bad option, missing dataset, occupied run directory): reported
+    in one line, before training starts."""
+
+
+def checked_config(argv: Optional[list[str]] = None) -> tuple:
+    """The parsed (model, data, lora, energy, train) options, checked against the dataset's presence and the run
+    directory; any problem is a ConfigError."""
+    from vla_energy.data.loading import check_dataset
+    from vla_energy.training.arguments import parse_config
+
+    try:
+        configs = parse_config(argv)
+        check_dataset(configs[1])
+        check_run_dir(configs[-1])
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    return configs
+
+
+def run_dir_of(train: Any) -> Path:
+    """<output_dir>/<run_name>."""
+    return Path(train.output_dir) / train.run_name
+
+
+def check_run_dir(train: Any) -> None:
+    """A ConfigError when the run directory holds a run that this one would overwrite or mix with: it is reused
+    only with overwrite_output_dir (cleared first) or resume_from_checkpoint."""
+    from vla_energy.training.checkpoints import latest_checkpoint
+
+    run_dir = run_dir_of(train)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run directory: choose another --output_dir or --run_name")
+    if train.overwrite_output_dir or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not train.resume_from_checkpoint:
+        raise ConfigError(f"{run_dir} already holds a run: --overwrite_output_dir replaces it, "
+                          f"--resume_from_checkpoint latest continues it, another --run_name trains beside it")
+    finished = (run_dir / "model").is_dir() or (run_dir / "metrics.json").exists()
+    if train.resume_from_checkpoint == "latest" and latest_checkpoint(run_dir / "checkpoints") is None and finished:
+        raise ConfigError(f"--resume_from_checkpoint latest: {run_dir} holds a finished run without checkpoints, "
+                          "nothing to continue: --overwrite_output_dir replaces it, another --run_name trains "
+                          "beside it")
+
+
+def clear_run_dir(train: Any) -> None:
+    """Delete what the run directory holds (overwrite_output_dir); the main process calls it before anything is
+    written."""
+    run_dir = run_dir_of(train)
+    if train.overwrite_output_dir and run_dir.is_dir():
+        shutil.rmtree(run_dir)
+
+
+# Options a resumed run must share with the checkpoint it continues: they shape the model or its data. The rest
+# (steps, learning rates, logging, evaluation, ...) may change between launches.
+_FREE_TO_CHANGE = {"DataConfig": {"cache_dir", "decode_video"}, "ModelArguments": {"trust_remote_code"}}
+_MUST_MATCH = ("ModelArguments", "DataConfig", "LoraArguments", "EnergyArguments")
+
+
+def check_resume_options(checkpoint: Path, current: dict[str, dict[str, Any]]) -> None:
+    """A ConfigError naming the options that differ from those the checkpoint was trained with (its
+    run_config.json); a checkpoint without one is not checked."""
+    path = checkpoint / "run_config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(current))  # compared as JSON holds them (tuples become lists)
+    differ = []
+    for section in _MUST_MATCH:
+        old, new = saved.get(section, {}), current.get(section, {})
+        for name in sorted(set(old) & set(new) - _FREE_TO_CHANGE.get(section, set())):
+            if old[name] != new[name]:
+                differ.append(f"{name} {old[name]!r} -> {new[name]!r}")
+    if differ:
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint}: it was trained with other options ("
+                          + ", ".join(differ) + "): resume with the options of its run_config.json, or start a new "
+                          "run (--run_name, --overwrite_output_dir)")
 
 EVAL_STRATEGIES = ("no", "steps")
 
@@ -41,15 +130,37 @@ def check_evaluation(eval_strategy: str, episode_index: Sequence[int], eval_num_
     return True
 
 
-def check_trackers(report_to: str) -> None:
-    """An ImportError naming the extra to install when a requested tracker's package is missing."""
-    trackers = [t.strip() for t in report_to.split(",") if t.strip()]
-    if "tensorboard" in trackers:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            try:
-                import tensorboardX  # noqa: F401  # accelerate's TensorBoardTracker accepts either
-            except ImportError as e:
-                raise ImportError("report_to=tensorboard needs tensorboard: pip install 'vla_energy[tensorboard]' "
-                                  "(or --report_to none)") from e
+# The package(s) each tracker needs (any one of them) and what to install.
+TRACKER_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'vla_energy[tensorboard]'"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+    "aim": (("aim",), "pip install aim"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "trackio": (("trackio",), "pip install trackio"),
+}
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken parent package
+        return False
+
+
+def check_trackers(report_to: str, log: Callable[[str], Any] = print) -> list[str]:
+    """The trackers of report_to whose packages are installed; one line for each one skipped, naming what to
+    install (metrics.json keeps every logged value either way)."""
+    usable = []
+    for tracker in (t.strip() for t in report_to.split(",")):
+        if tracker in ("", "none"):
+            continue
+        packages, install = TRACKER_PACKAGES.get(tracker, ((tracker,), f"pip install {tracker}"))
+        if any(_installed(p) for p in packages):
+            usable.append(tracker)
+        else:
+            log(f"report_to {tracker}: not installed, skipped ({install} to log there)")
+    return usable

@@ -13,10 +13,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
+from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
-from vla_energy.training.checkpoints import load_states, save_states, trainable_keys
+from vla_energy.training.checkpoints import LossState, load_states, save_states, trainable_keys
 from vla_energy.training.clipping import clip_group_
-from vla_energy.training.plugin import EnergyPlugin
 from vla_energy.training.schedule import ProgressiveSchedule
 
 __all__ = ["EnergyLossMixin", "EnergyTrainer", "ProgressiveScheduleCallback", "PLUGIN_STATE"]
@@ -55,13 +55,18 @@ class ProgressiveScheduleCallback(TrainerCallback):
 
 
 class _BankCallback(TrainerCallback):
-    """Enqueue the gathered actions into the bank after each optimizer step."""
+    """Enqueue the gathered actions into the bank after each optimizer step, or drop them when the loss scaler
+    skipped the step (fp16)."""
 
-    def __init__(self, plugin: EnergyPlugin) -> None:
+    def __init__(self, plugin: EnergyPlugin, accelerator: Any) -> None:
         self.plugin = plugin
+        self.accelerator = accelerator
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.plugin.after_optimizer_step()
+        if self.accelerator.optimizer_step_was_skipped:
+            self.plugin.skip_step()
+        else:
+            self.plugin.after_optimizer_step()
 
 
 def _energy_model(model: nn.Module) -> EnergyVLAModel:
@@ -70,6 +75,17 @@ def _energy_model(model: nn.Module) -> EnergyVLAModel:
     if not isinstance(base, EnergyVLAModel):
         raise ValueError(f"EnergyLossMixin needs an EnergyVLAModel (optionally peft-wrapped), got {type(model).__name__}")
     return base
+
+
+def check_parts_learn(model: EnergyVLAModel) -> None:
+    """A clear error when a part of the plugin that training must move has no trainable parameter (e.g. peft
+    wrapped the whole model and left it out of modules_to_save)."""
+    frozen = [name for name, part in model.plugin.parts_that_learn().items()
+              if not any(p.requires_grad for p in part.parameters())]
+    if frozen:
+        raise ValueError(f"{frozen} of the energy plugin have no trainable parameter, so training would leave them "
+                         "as initialised. When peft wraps the whole EnergyVLAModel, name them in modules_to_save: "
+                         f"LoraConfig(..., modules_to_save={sorted(model.plugin.parts_that_learn())})")
 
 
 class EnergyLossMixin:
@@ -84,11 +100,17 @@ class EnergyLossMixin:
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, energy_lr_scale: float = 0.1, schedule: Optional[ProgressiveSchedule] = None,
-                 eval_num_negatives: int = 31, **kwargs: Any) -> None:
+                 eval_num_negatives: int = 31, norm_stats: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            # nn.DataParallel replicas would each compute the "global" loss over their slice alone.
+            raise ValueError(f"{type(self).__name__} does not support nn.DataParallel, which the Trainer uses when one "
+                             f"process sees {self.args.n_gpu} GPUs: launch with `accelerate launch` or `torchrun` "
+                             "(one process per GPU), or make one GPU visible with CUDA_VISIBLE_DEVICES")
         model = _energy_model(self.model)
+        check_parts_learn(model)
         self.energy_plugin: EnergyPlugin = model.plugin
-        model.point_plugin_at_heads()  # before create_optimizer reads the plugin's energy modules
+        self.norm_stats = norm_stats
         self.energy_lr_scale = energy_lr_scale
         # Older Trainers decide GA scaling from this flag: False = "the Trainer divides by accumulation steps".
         self.model_accepts_loss_kwargs = False
@@ -97,7 +119,7 @@ class EnergyLossMixin:
             self.args.remove_unused_columns = False
         self._energy_metrics: dict[str, float] = {}
         self._energy_count = 0
-        self.add_callback(_BankCallback(self.energy_plugin))
+        self.add_callback(_BankCallback(self.energy_plugin, self.accelerator))
         self.schedule = schedule
         if schedule is not None:
             self.add_callback(ProgressiveScheduleCallback(schedule))
@@ -176,7 +198,7 @@ class EnergyLossMixin:
             from vla_energy.backbones.param_groups import param_groups
 
             net = _energy_model(self.model)
-            groups = param_groups(net.backbone, net.policy_heads(), self.energy_plugin.energy_modules(),
+            groups = param_groups(net.backbone, net.plugin.policy_modules(), net.plugin.energy_modules(),
                                   self.args.learning_rate, self.energy_lr_scale, self.args.weight_decay)
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, net)
             kwargs.pop("lr", None)
@@ -215,26 +237,44 @@ class EnergyLossMixin:
             self._energy_count = 0
         super().log(logs, *args, **kwargs)
 
-    def _save_checkpoint(self, model, trial):
-        self._in_checkpoint = True
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """save_model(dir) writes a policy directory (EnergyPolicy.from_pretrained loads it); inside a checkpoint,
+        what training changes and the plugin's loss state, before the Trainer pushes or rotates checkpoints."""
+        self._in_checkpoint = _internal_call
         try:
-            super()._save_checkpoint(model, trial)
+            super().save_model(output_dir, _internal_call)
         finally:
             self._in_checkpoint = False
-        if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            save_states(folder, {PLUGIN_STATE: self.energy_plugin})
+        if _internal_call and self.args.should_save:
+            save_states(Path(output_dir or self.args.output_dir), {PLUGIN_STATE: LossState(self.energy_plugin)})
+
+    def _processor(self) -> Any:
+        """The processor of the run: processing_class, or the one the VLACollator holds."""
+        if self.processing_class is not None:
+            return self.processing_class
+        collator = getattr(self.data_collator, "collator", self.data_collator)
+        return getattr(collator, "processor", None)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """A checkpoint of an EnergyVLAModel holds what training changes (LoRA, heads, buffers), not the frozen
-        backbone, which a resumed run rebuilds from its base; save_model() outside a checkpoint saves everything."""
-        if state_dict is None and getattr(self, "_in_checkpoint", False):
-            net = self.accelerator.unwrap_model(self.model)
-            if isinstance(net, EnergyVLAModel):
-                keep = trainable_keys(net)
-                # clone: tied aliases (a trained embedding and its LM head) share storage, which safetensors refuses
-                state_dict = {k: v.detach().clone() for k, v in net.state_dict().items() if k in keep}
-        super()._save(output_dir, state_dict=state_dict)
+        """In a checkpoint: what training changes (LoRA, heads, buffers), not the frozen backbone, which a resumed
+        run rebuilds from its base. Outside one: a policy directory with the processor and the Trainer's args; with
+        sharded weights (FSDP, ZeRO-3), the gathered full state dict."""
+        net = self.accelerator.unwrap_model(self.model)
+        if not isinstance(net, EnergyVLAModel):  # peft wraps the whole model: its adapter + modules_to_save
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        in_checkpoint = getattr(self, "_in_checkpoint", False)
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and
+                                           self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        if in_checkpoint or sharded:
+            state_dict = net.state_dict() if state_dict is None else state_dict
+            keep = trainable_keys(net) if in_checkpoint else set(state_dict)
+            # clone: tied aliases (a trained embedding and its LM head) share storage, which safetensors refuses
+            return super()._save(output_dir, {k: v.detach().clone() for k, v in state_dict.items() if k in keep})
+        if self.args.should_save:
+            net.save_pretrained(output_dir, processor=self._processor(), norm_stats=self.norm_stats)
+            torch.save(self.args, Path(output_dir) / "training_args.bin")
+        return None
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """Frozen backbone weights are missing from a checkpoint on purpose (see _save): only warn about the rest."""
@@ -243,9 +283,11 @@ class EnergyLossMixin:
         load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in frozen]
         super()._issue_warnings_after_load(load_result)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_states(Path(resume_from_checkpoint), {PLUGIN_STATE: self.energy_plugin})
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """Also the plugin's loss state: every resume path (DeepSpeed's engine load included) passes here."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_states(Path(checkpoint), {PLUGIN_STATE: LossState(self.energy_plugin)})
 
 
 class EnergyTrainer(EnergyLossMixin, Trainer):
