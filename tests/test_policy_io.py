@@ -180,6 +180,26 @@ def test_select_action_queue_and_observation_formats(tmp_path):
         EnergyPolicy.from_pretrained(out, n_action_steps=9)
 
 
+def test_predicted_chunks_carry_the_energy_the_head_gives_them(tmp_path):
+    loaded, model = _model()
+    policy = EnergyPolicy.from_pretrained(_save(tmp_path / "policy", loaded, model))
+    obs = {"observation.images.top": np.stack(_images(2)), "task": ["go", "stop"]}
+    chunk, energy = policy.predict_action_chunk(obs, normalized=True, return_energy=True)
+    assert chunk.shape == (2, H, DA) and energy.shape == (2,) and torch.equal(chunk, policy.predict_action_chunk(
+        obs, normalized=True))
+    readout = policy.encode(list(obs["observation.images.top"]), obs["task"])
+    head = policy.plugin.energy_head
+    with torch.no_grad():
+        expected = head(head.encode_context(readout.context, readout.context_mask), chunk[:, None])[:, 0]
+    assert torch.allclose(energy, expected, atol=1e-5)
+    # rerank keeps the lowest-energy candidate, the policy's own among them: never a higher energy than the policy's
+    _, reranked = policy.predict_action_chunk(obs, mode="rerank", return_energy=True, num_samples=8)
+    assert bool((reranked <= energy + 1e-5).all())
+    single, e1 = policy.predict_action_chunk({"observation.images.top": _images(1)[0], "task": "go"},
+                                             return_energy=True)
+    assert single.shape == (H, DA) and e1.shape == ()
+
+
 def test_candidate_bounds_follow_the_normalization_mode():
     assert candidate_bounds(None) == (None, None)
     q = NormStats(**{**STATS.to_dict(), "mode": "q01_q99"})

@@ -479,13 +479,16 @@ class _FakePolicy:
     def reset(self) -> None:
         self.resets += 1
 
-    def select_action(self, observation, mode: str, seed: int, candidates: str = "gaussian"):
-        assert candidates in ("gaussian", "retrieval")
+    n_action_steps = 1
+
+    def predict_action_chunk(self, observation, mode: str, seed: int, candidates: str = "gaussian",
+                             return_energy: bool = False):
+        assert candidates in ("gaussian", "retrieval") and return_energy
         assert set(observation) == {"observation.images.corner", "observation.state", "task"}
         batch = len(observation["task"])
         assert observation["observation.images.corner"].shape == (batch, 8, 8, 3)
         self.batches.append(batch)
-        return np.ones((batch, 4), np.float32)
+        return np.ones((batch, 1, 4), np.float32), np.zeros(batch)
 
 
 def test_lockstep_episodes_stop_at_success_and_record_the_first() -> None:

@@ -13,7 +13,16 @@ import pytest
 
 from vla_energy.data import DataConfig, build_datasets, make_synthetic_dataset
 from vla_energy.data.synthetic import GRIP_RADIUS, PALETTE
-from vla_energy.sim.rollout import MODES, run_batch, suite_for
+from vla_energy.sim.rollout import (
+    MODES,
+    SHIFTS,
+    UNRELATED_INSTRUCTION,
+    failure_metrics,
+    run_batch,
+    shift_metrics,
+    shift_observation,
+    suite_for,
+)
 from vla_energy.sim.synthetic_env import (
     DEFAULT_MAX_STEPS,
     SyntheticEnv,
@@ -155,18 +164,58 @@ class _ExpertPolicy:
     def reset(self) -> None:
         pass
 
-    def select_action(self, observation, mode: str, seed: int, candidates: str = "gaussian") -> np.ndarray:
+    n_action_steps = 1
+
+    def predict_action_chunk(self, observation, mode: str, seed: int, candidates: str = "gaussian",
+                             return_energy: bool = False) -> tuple[np.ndarray, np.ndarray]:
         self.calls += 1
-        return self.env.expert_actions().astype(np.float32)
+        actions = self.env.expert_actions().astype(np.float32)
+        return actions[:, None], -np.linalg.norm(actions, axis=1)
 
 
 def test_the_rollout_loop_runs_the_expert_to_success() -> None:
     cfg = _config(num_targets=2)
     env = SyntheticEnv(cfg, 5)
-    results, frames = run_batch(env, _ExpertPolicy(env), [10, 11, 12, 13, 14], "policy", DEFAULT_MAX_STEPS,
-                                record=True)
+    done = run_batch(env, _ExpertPolicy(env), [10, 11, 12, 13, 14], "policy", DEFAULT_MAX_STEPS, record=True)
+    results, frames = done.results, done.frames
     assert all(ok for ok, _ in results) and all(20 <= n <= 45 for _, n in results)
     assert len(frames) == results[0][1] + 1  # the first episode from its start to its success
+    # One chunk per step (n_action_steps 1), its energy kept while the episode runs.
+    assert [len(e) for e in done.energies] == [n for _, n in results]
+    assert done.shifted == {} and done.reference == []
+
+
+def test_the_loop_scores_the_policy_on_shifted_observations() -> None:
+    env = SyntheticEnv(_config(num_targets=2), 3)
+    done = run_batch(env, _ExpertPolicy(env), [10, 11, 12], "policy", 5, shifts=SHIFTS)
+    assert set(done.shifted) == set(SHIFTS)
+    assert all(len(v) == len(done.reference) == 15 for v in done.shifted.values())  # 3 episodes x 5 chunks
+    obs = env.observation()
+    noisy = shift_observation(obs, "noisy_images", seed=3)
+    key = next(k for k in obs if k.startswith("observation.images."))
+    assert noisy[key].dtype == np.uint8 and noisy[key].shape == obs[key].shape
+    assert np.abs(noisy[key].astype(int) - obs[key]).mean() > 20  # heavy noise, seeded
+    assert np.array_equal(noisy[key], shift_observation(obs, "noisy_images", seed=3)[key])
+    assert noisy["task"] == obs["task"] and np.array_equal(noisy["observation.state"], obs["observation.state"])
+    tasks = ["a", "b", "c"]
+    assert shift_observation({**obs, "task": tasks}, "other_instruction", 0)["task"] == ["b", "c", "a"]
+    assert shift_observation({**obs, "task": ["a"] * 3}, "other_instruction", 0)["task"] == [UNRELATED_INSTRUCTION] * 3
+    with pytest.raises(ValueError, match="expected one of"):
+        shift_observation(obs, "rain", 0)
+
+
+def test_failure_and_shift_metrics() -> None:
+    episodes = [{"mode": "policy", "success": ok, "energy": e} for ok, e in
+                [(True, 0.1), (True, 0.2), (False, 0.9), (False, 0.15)]]
+    episodes += [{"mode": "rerank", "success": True, "energy": 0.0}]
+    m = failure_metrics(episodes, ["policy", "rerank"])
+    assert m["failure_auroc/policy"] == pytest.approx(0.75)  # (0.9 beats both; 0.15 beats 0.1 only) / 4
+    assert m["failure_auroc/policy/low"] <= 0.75 <= m["failure_auroc/policy/high"]
+    assert m["energy/policy/failure"] == pytest.approx(0.525) and m["energy/policy/success"] == pytest.approx(0.15)
+    assert "failure_auroc/rerank" not in m and m["energy/rerank/success"] == 0.0  # no failures: no AUROC
+    s = shift_metrics([0.0, 0.1, 0.2], {"noisy_images": [0.5, 0.6, 0.7], "other_instruction": []})
+    assert s["shift_auroc/noisy_images"] == 1.0 and s["shift_energy/noisy_images"] == pytest.approx(0.6)
+    assert s["shift_energy/none"] == pytest.approx(0.1) and "shift_auroc/other_instruction" not in s
 
 
 def test_rollout_command_on_a_tiny_synthetic_run(tmp_path: Path) -> None:
@@ -194,12 +243,16 @@ def test_rollout_command_on_a_tiny_synthetic_run(tmp_path: Path) -> None:
     assert len(episodes) == 3 * len(MODES)
     assert {e["seed"] for e in episodes} == {1000, 1001, 1002}
     assert set(episodes[0]) == {"task", "mode", "seed", "success", "steps", "reached", "distance", "agent", "goals",
-                                "expert_choice"}
+                                "expert_choice", "energy", "chunks"}
+    assert all(e["chunks"] == -(-e["steps"] // 2) for e in episodes)  # a new chunk every 2 steps
+    for shift in SHIFTS:
+        assert 0.0 <= metrics[f"shift_auroc/{shift}/low"] <= metrics[f"shift_auroc/{shift}"] <= 1.0
     assert np.shape(episodes[0]["goals"]) == (2, 2) and len(episodes[0]["agent"]) == 2
     report = (out / "report.md").read_text()
     assert f"# Closed-loop evaluation of `{run}` in the synthetic task" in report
     assert "| synthetic-targets |" in report and "| overall |" in report and "Paired difference" in report
     assert "within 0.05 of a valid target (the grip output is not required)" in report
+    assert "## Energies as a failure signal" in report and "| noisy_images |" in report
     for mode in MODES:
         gif = out / "gifs" / f"synthetic-targets_{mode}.gif"
         assert gif.read_bytes()[:6] == b"GIF89a" and f"gifs/synthetic-targets_{mode}.gif" in report

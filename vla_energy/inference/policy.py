@@ -173,8 +173,9 @@ class EnergyPolicy:
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
                 refine_steps: int, step_sizes: Sequence[float], seed: int, states: Optional[Tensor] = None,
-                candidates: str = "gaussian") -> Tensor:
-        """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds."""
+                candidates: str = "gaussian", with_energy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds, and
+        with_energy the energy head's energy of each [B] (float32; else None)."""
         if mode not in PREDICT_MODES:
             raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
         if candidates not in CANDIDATE_SOURCES:
@@ -184,7 +185,8 @@ class EnergyPolicy:
         with torch.no_grad():
             policy, layers = self.plugin.predict_actions(readout)
             # Encoded once for every call of the head below (refine makes 1 + 2 * refine_steps); it holds the mask.
-            ctx = None if mode == "policy" else head.encode_context(readout.context, readout.context_mask)
+            ctx = head.encode_context(readout.context, readout.context_mask) if mode != "policy" or with_energy \
+                else None
         cmask = None
         low, high = candidate_bounds(self.loaded.norm_stats)
         chunk = policy
@@ -200,7 +202,9 @@ class EnergyPolicy:
         elif mode == "refine":
             chunk, _ = self._refine(head, ctx, policy, refine_steps, step_sizes, context_mask=cmask, low=low,
                                     high=high)
-        return chunk.float()
+        if not with_energy:
+            return chunk.float(), None
+        return chunk.float(), rerank(head, ctx, chunk[:, None].to(policy.dtype)).energies[:, 0].float()
 
     def predict(
         self,
@@ -226,7 +230,7 @@ class EnergyPolicy:
         (flow_noise_seed)."""
         states = self.normalize_state(states) if self.uses_state and states is not None else None
         out = self._chunks(images, instructions, mode, num_samples, sigma, refine_steps, step_sizes, seed,
-                           states, candidates).cpu().numpy()
+                           states, candidates)[0].cpu().numpy()
         if normalized or self.loaded.norm_stats is None:
             return out
         return self.loaded.norm_stats.unnormalize(out)
@@ -272,10 +276,12 @@ class EnergyPolicy:
         return images, tasks, single
 
     def predict_action_chunk(self, observation: Mapping[str, Any], mode: str = "policy", normalized: bool = False,
-                             **kwargs: Any) -> Tensor:
+                             return_energy: bool = False, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
         """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
-        units (normalized=True: as the model predicts them). kwargs: num_samples, sigma, refine_steps, step_sizes,
-        seed, candidates ("gaussian" | "layers" | "retrieval" | "samples") of the rerank / mean / refine modes."""
+        units (normalized=True: as the model predicts them); with return_energy also the energy head's energy of
+        each chunk [B] ([] unbatched), a failure signal (docs/stochastic.md). kwargs: num_samples, sigma,
+        refine_steps, step_sizes, seed, candidates ("gaussian" | "layers" | "retrieval" | "samples") of the
+        rerank / mean / refine modes."""
         images, tasks, single = self._parse_observation(observation)
         opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_sizes": REFINE_STEP_SIZES, "seed": 0,
                 "candidates": "gaussian"}
@@ -290,10 +296,13 @@ class EnergyPolicy:
             raw = observation["observation.state"]
             raw = raw.detach().cpu() if isinstance(raw, Tensor) else np.asarray(raw, np.float32)
             states = self.normalize_state(raw[None] if raw.ndim == 1 else raw)
-        chunk = self._chunks(images, tasks, mode, **{**opts, **kwargs}, states=states)
+        chunk, energy = self._chunks(images, tasks, mode, **{**opts, **kwargs}, states=states,
+                                     with_energy=return_energy)
         if not normalized and self.loaded.norm_stats is not None:
             chunk = self.loaded.norm_stats.unnormalize(chunk)
-        return chunk[0] if single else chunk
+        if not return_energy:
+            return chunk[0] if single else chunk
+        return (chunk[0], energy[0]) if single else (chunk, energy)
 
     def select_action(self, observation: Mapping[str, Any], mode: str = "policy", **kwargs: Any) -> Tensor:
         """The next action [Da] ([B,Da] batched): a new chunk is predicted when the queue of n_action_steps

@@ -23,20 +23,25 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from vla_energy.evaluation.auroc import auroc_interval
 from vla_energy.evaluation.intervals import paired_bootstrap_interval, wilson_interval
 from vla_energy.sim.envs import BatchedEnv, Suite
 from vla_energy.sim.metaworld_env import MAX_PATH_LENGTH
 
-__all__ = ["MODES", "sim_settings", "seed_check_plan", "check_seeds", "MetaWorldEnvs", "metaworld_suite", "suite_for",
+__all__ = ["MODES", "SHIFTS", "shift_observation", "BatchResult", "failure_metrics", "shift_metrics", "sim_settings", "seed_check_plan", "check_seeds", "MetaWorldEnvs", "metaworld_suite", "suite_for",
            "run_batch", "run_episodes", "success_metrics", "rollout", "build_parser", "main"]
 
 MODES = ("policy", "rerank", "mean", "refine")
+# Observations the policy never saw, on which rollout scores the policy's chunks (shift_observation).
+SHIFTS = ("noisy_images", "other_instruction")
+UNRELATED_INSTRUCTION = "water the plants on the windowsill"
 
 
 def _image_size(feature: dict, key: str) -> int:
@@ -329,27 +334,74 @@ def suite_for(run_config: Optional[dict], tasks: Optional[Sequence[str]] = None,
     return metaworld_suite(run_config, tasks, camera, image_size, render_convention, task_map, allow_unchecked_seeds)
 
 
+def shift_observation(observation: dict[str, Any], shift: str, seed: int) -> dict[str, Any]:
+    """The observation as the policy never saw it in training (SHIFTS): noisy_images adds Gaussian pixel noise
+    (std 64 of 255, seeded); other_instruction gives each episode another episode's instruction (rolled by one in
+    the batch), or an unrelated one when the batch shares its instruction."""
+    if shift == "noisy_images":
+        rng = np.random.default_rng(seed)
+        return {k: (np.clip(np.asarray(v, np.float32) + rng.normal(0.0, 64.0, np.shape(v)), 0, 255).astype(np.uint8)
+                    if k.startswith("observation.image") else v) for k, v in observation.items()}
+    if shift == "other_instruction":
+        tasks = list(observation["task"])
+        other = tasks[1:] + tasks[:1] if len(set(tasks)) > 1 else [UNRELATED_INSTRUCTION] * len(tasks)
+        return {**observation, "task": other}
+    raise ValueError(f"shift={shift!r}, expected one of {SHIFTS}")
+
+
+@dataclass
+class BatchResult:
+    """One batch of lockstep episodes: (success, steps) per episode, the first episode's frames, the energy of each
+    chunk an episode executed, and per shift the energies of the policy's chunks on shifted observations (paired
+    with `reference`, the policy's chunks' energies on the same, unshifted observations)."""
+
+    results: list[tuple[bool, int]]
+    frames: list[np.ndarray]
+    energies: list[list[float]]
+    shifted: dict[str, list[float]] = field(default_factory=dict)
+    reference: list[float] = field(default_factory=list)
+
+
 def run_batch(env: BatchedEnv, policy: Any, seeds: Sequence[int], mode: str, max_steps: int, record: bool = False,
-              candidates: str = "gaussian") -> tuple[list[tuple[bool, int]], list[np.ndarray]]:
-    """[(success, steps taken)] of one episode per seed, run in lockstep with one batched policy call per step, and
-    the frames of the first episode if record. An episode ends at its first success; a finished one is no longer
-    stepped (its last observation stays in the batch)."""
+              candidates: str = "gaussian", shifts: Sequence[str] = ()) -> BatchResult:
+    """One episode per seed, run in lockstep with one batched `predict_action_chunk` call per chunk (its first
+    `policy.n_action_steps` actions executed), the frames of the first episode if record, and the energy of every
+    executed chunk. `shifts` (SHIFTS): also score the policy's own chunk on shifted observations at each chunk. An
+    episode ends at its first success; a finished one is no longer stepped (its last observation stays in the
+    batch)."""
     observation = env.reset(seeds)
     policy.reset()
     frames = [env.frame(0)] if record else []
     steps: list[Optional[int]] = [None] * len(seeds)
+    out = BatchResult([], frames, [[] for _ in seeds], {s: [] for s in shifts})
+    queue: list[np.ndarray] = []
     for step in range(max_steps):
-        # One seed per batch and step keeps the rerank candidates reproducible and the same across modes.
-        actions = policy.select_action(observation, mode=mode, seed=seeds[0] + step, candidates=candidates)
-        actions = np.asarray(actions.detach().cpu() if hasattr(actions, "detach") else actions, np.float32)
-        observation, success = env.step(actions, np.array([s is None for s in steps]))
+        active = np.array([s is None for s in steps])
+        if not queue:
+            # One seed per batch and chunk keeps the rerank candidates reproducible and the same across modes.
+            chunk, energy = policy.predict_action_chunk(observation, mode=mode, seed=seeds[0] + step,
+                                                        candidates=candidates, return_energy=True)
+            chunk = np.asarray(chunk.detach().cpu() if hasattr(chunk, "detach") else chunk, np.float32)
+            energy = np.asarray(energy.detach().cpu() if hasattr(energy, "detach") else energy, np.float64)
+            queue = list(chunk[:, : policy.n_action_steps].transpose(1, 0, 2))
+            for i in np.flatnonzero(active):
+                out.energies[i].append(float(energy[i]))
+            for shift in shifts:
+                _, shifted = policy.predict_action_chunk(shift_observation(observation, shift, seeds[0] + step),
+                                                         mode="policy", seed=seeds[0] + step, return_energy=True)
+                shifted = np.asarray(shifted.detach().cpu() if hasattr(shifted, "detach") else shifted, np.float64)
+                out.shifted[shift] += [float(shifted[i]) for i in np.flatnonzero(active)]
+            if shifts:
+                out.reference += [float(energy[i]) for i in np.flatnonzero(active)]
+        observation, success = env.step(queue.pop(0), active)
         for i in np.flatnonzero(success):
             steps[i] = step + 1 if steps[i] is None else steps[i]
         if record and (steps[0] is None or steps[0] == step + 1):
             frames.append(env.frame(0))
         if all(s is not None for s in steps):
             break
-    return [(s is not None, max_steps if s is None else s) for s in steps], frames
+    out.results = [(s is not None, max_steps if s is None else s) for s in steps]
+    return out
 
 
 def run_episodes(envs: Sequence[Any], policy: Any, instruction: str, camera: str, seeds: Sequence[int], mode: str,
@@ -359,8 +411,9 @@ def run_episodes(envs: Sequence[Any], policy: Any, instruction: str, camera: str
     """`run_batch` on Meta-World environments, one per seed, observations as the dataset recorded them."""
     if len(envs) != len(seeds):
         raise ValueError(f"{len(envs)} environments for {len(seeds)} seeds, expected one each")
-    return run_batch(MetaWorldEnvs(envs, instruction, camera, convention, image_key, state_dim), policy, seeds, mode,
-                     max_steps, record, candidates)
+    out = run_batch(MetaWorldEnvs(envs, instruction, camera, convention, image_key, state_dim), policy, seeds, mode,
+                    max_steps, record, candidates)
+    return out.results, out.frames
 
 
 def success_metrics(episodes: Sequence[dict], modes: Sequence[str], tasks: Sequence[str]) -> dict[str, float]:
@@ -384,6 +437,60 @@ def success_metrics(episodes: Sequence[dict], modes: Sequence[str], tasks: Seque
             metrics[f"delta/{mode}/overall"] = mean
             metrics[f"delta/{mode}/overall/low"], metrics[f"delta/{mode}/overall/high"] = low, high
     return metrics
+
+
+def failure_metrics(episodes: Sequence[dict], modes: Sequence[str]) -> dict[str, float]:
+    """Per mode, how well an episode's mean chunk energy predicts its failure: the AUROC (failures scoring higher)
+    with its bootstrap interval, when the mode has both successes and failures, and the mean energy of each."""
+    metrics: dict[str, float] = {}
+    for mode in modes:
+        failed = [e["energy"] for e in episodes if e["mode"] == mode and not e["success"]]
+        succeeded = [e["energy"] for e in episodes if e["mode"] == mode and e["success"]]
+        for name, group in (("failure", failed), ("success", succeeded)):
+            if group:
+                metrics[f"energy/{mode}/{name}"] = float(np.mean(group))
+        if failed and succeeded:
+            value, low, high = auroc_interval(failed, succeeded)
+            metrics[f"failure_auroc/{mode}"] = value
+            metrics[f"failure_auroc/{mode}/low"], metrics[f"failure_auroc/{mode}/high"] = low, high
+    return metrics
+
+
+def shift_metrics(reference: Sequence[float], shifted: dict[str, list[float]]) -> dict[str, float]:
+    """For each shift, the policy's mean chunk energy on shifted observations against the same observations
+    unshifted, and the AUROC of telling them apart by energy (shifted scoring higher) with its interval."""
+    metrics: dict[str, float] = {}
+    if reference:
+        metrics["shift_energy/none"] = float(np.mean(reference))
+    for shift, values in shifted.items():
+        if not values:
+            continue
+        value, low, high = auroc_interval(values, reference)
+        metrics[f"shift_energy/{shift}"] = float(np.mean(values))
+        metrics[f"shift_auroc/{shift}"] = value
+        metrics[f"shift_auroc/{shift}/low"], metrics[f"shift_auroc/{shift}/high"] = low, high
+    return metrics
+
+
+def _energy_lines(metrics: dict, modes: Sequence[str], shifts: Sequence[str]) -> list[str]:
+    """The failure-signal and shifted-observation tables (markdown lines)."""
+    def value(key: str) -> str:
+        return f"{metrics[key]:.3f}" if key in metrics else "-"
+
+    def interval(key: str) -> str:
+        return f"{metrics[key]:.2f} [{metrics[key + '/low']:.2f}, {metrics[key + '/high']:.2f}]" if key in metrics \
+            else "- (no failures or no successes)"
+
+    lines = ["Failure signal: an episode's mean energy of its executed chunks (higher = predicted failure):", "",
+             "| mode | AUROC [95% bootstrap] | mean energy, failures | mean energy, successes |", "|---|---|---|---|"]
+    lines += [f"| {m} | {interval(f'failure_auroc/{m}')} | {value(f'energy/{m}/failure')} | "
+              f"{value(f'energy/{m}/success')} |" for m in modes]
+    if shifts and "shift_energy/none" in metrics:
+        lines += ["", "The policy's chunk energies on observations it never saw, against the same observations "
+                  f"unshifted (mean {metrics['shift_energy/none']:.3f}):", "",
+                  "| shift | mean energy | AUROC shifted vs unshifted [95% bootstrap] |", "|---|---|---|"]
+        lines += [f"| {s} | {value(f'shift_energy/{s}')} | {interval(f'shift_auroc/{s}')} |" for s in shifts]
+    return lines
 
 
 def _write_gif(path: Path, frames: Sequence[np.ndarray], scale: int = 2, ms_per_frame: int = 80) -> None:
@@ -412,13 +519,15 @@ def _table(metrics: dict, modes: Sequence[str], tasks: Sequence[str]) -> list[st
 
 
 def _report(path: Path, run_dir: Path, suite: Suite, metrics: dict, modes: Sequence[str], episodes: int,
-            seeds: Sequence[int], max_steps: int, n_action_steps: int, gifs: dict) -> list[str]:
+            seeds: Sequence[int], max_steps: int, n_action_steps: int, gifs: dict,
+            shifts: Sequence[str] = ()) -> list[str]:
     """Write report.md; returns its summary (the settings sentence and the table)."""
     summary = [f"{episodes} episodes per task (seeds {seeds[0]}..{seeds[-1]}, the same in every mode), at most "
                f"{max_steps} steps, a new chunk every {n_action_steps} steps; {suite.settings}. {suite.success}", "",
                *suite.details, f"- Seeds: {metrics['seed_check']}.", "",
                "Success rate [95% Wilson interval]:", "", *_table(metrics, modes, suite.tasks)]
     lines = [f"# Closed-loop evaluation of `{run_dir}` in {suite.title}", "", *summary, "",
+             "## Energies as a failure signal", "", *_energy_lines(metrics, modes, shifts), "",
              "## One rollout per task and mode (the first seed)", ""]
     for (task, mode), name in gifs.items():
         lines.append(f"{task}, {mode}: ![{task} {mode}]({name})")
@@ -447,19 +556,23 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
             n_action_steps: Optional[int] = None, camera: Optional[str] = None, image_size: Optional[int] = None,
             device: str = "cpu", progress: bool = True, batch_size: int = 10, candidates: str = "gaussian",
             render_convention: Optional[str] = None, task_map: Optional[dict[str, str]] = None,
-            allow_unchecked_seeds: bool = False) -> dict[str, Any]:
+            allow_unchecked_seeds: bool = False, shifts: Sequence[str] = SHIFTS) -> dict[str, Any]:
     """Run `episodes` seeded episodes (seeds seed..seed+episodes-1) of each task in each mode, `batch_size` of them
     in lockstep (one batched policy call); write the report to out_dir (default run_dir/rollout) and return the
     metrics. The environment is the synthetic task when the run's dataset is "synthetic", else Meta-World;
     max_steps defaults to the environment's (150 in Meta-World, 60 in the synthetic task). `candidates`: where
     rerank / mean take their candidates (gaussian | layers | retrieval | samples). Seeds that are demonstrations
-    are refused before the policy loads; Meta-World runs without that check only with allow_unchecked_seeds."""
+    are refused before the policy loads; Meta-World runs without that check only with allow_unchecked_seeds.
+    Every executed chunk's energy is kept: the report gives how well an episode's mean energy predicts its failure
+    (AUROC per mode) and, for each of `shifts` (SHIFTS), how the policy's energies move on shifted observations."""
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.modeling.serialization import resolve_policy_dir
 
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
         raise ValueError(f"modes {list(modes)}: expected some of {MODES}")
+    if set(shifts) - set(SHIFTS):
+        raise ValueError(f"shifts {list(shifts)}: expected some of {SHIFTS} (or none)")
     if episodes < 1 or batch_size < 1:
         raise ValueError(f"episodes={episodes}, batch_size={batch_size}: expected >= 1 and >= 1")
     run_dir = Path(run_dir)
@@ -475,6 +588,8 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     out = Path(out_dir) if out_dir else run_dir / "rollout"
     (out / "gifs").mkdir(parents=True, exist_ok=True)
     records, gifs, seconds = [], {}, {m: 0.0 for m in modes}
+    shifted: dict[str, list[float]] = {s: [] for s in shifts}
+    reference: list[float] = []
     bar = tqdm(total=len(suite.tasks) * len(modes) * episodes, desc="rollouts", disable=not progress)
     for task in suite.tasks:
         env = suite.make(task, min(batch_size, episodes))
@@ -482,19 +597,26 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
             start = time.perf_counter()
             for first in range(0, episodes, batch_size):
                 batch = seeds[first:first + batch_size]
-                results, frames = run_batch(env, policy, batch, mode, max_steps, record=first == 0,
-                                            candidates=candidates)
-                records += [{"task": task, "mode": mode, "seed": s, "success": ok, "steps": n, **env.episode_info(i)}
-                            for i, (s, (ok, n)) in enumerate(zip(batch, results))]
-                if frames:
+                # The shifted observations are scored once, beside the policy's own chunks.
+                done = run_batch(env, policy, batch, mode, max_steps, record=first == 0, candidates=candidates,
+                                 shifts=shifts if mode == "policy" else ())
+                records += [{"task": task, "mode": mode, "seed": s, "success": ok, "steps": n,
+                             "energy": float(np.mean(e)), "chunks": len(e), **env.episode_info(i)}
+                            for i, (s, (ok, n), e) in enumerate(zip(batch, done.results, done.energies))]
+                for shift, values in done.shifted.items():
+                    shifted[shift] += values
+                reference += done.reference
+                if done.frames:
                     name = f"gifs/{task}_{mode}.gif"
-                    _write_gif(out / name, frames)
+                    _write_gif(out / name, done.frames)
                     gifs[(task, mode)] = name
                 bar.update(len(batch))
             seconds[mode] += time.perf_counter() - start
         env.close()
     bar.close()
     metrics: dict[str, Any] = success_metrics(records, modes, suite.tasks)
+    metrics.update(failure_metrics(records, modes))
+    metrics.update(shift_metrics(reference, shifted))
     metrics.update({f"seconds/{m}": s for m, s in seconds.items()})
     metrics.update({**suite.metrics, "seed_check": seed_check, "seeds_checked": float(not seed_check.startswith("NOT"))})
     metrics["episodes_per_task"] = float(episodes)
@@ -506,7 +628,7 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     (out / "settings.json").write_text(json.dumps({**suite.settings_json, "seeds": seeds, "seed_check": seed_check},
                                                   indent=1, default=str))
     summary = _report(out / "report.md", run_dir, suite, metrics, modes, episodes, seeds, max_steps,
-                      policy.n_action_steps, gifs)
+                      policy.n_action_steps, gifs, shifts)
     _append_to_run_report(run_dir, out, suite.title, summary)
     return metrics
 
@@ -545,6 +667,9 @@ def build_parser(prog: str = "python -m vla_energy.sim.rollout") -> argparse.Arg
                    help="Meta-World: run although the dataset records neither its episodes' seeds nor their initial "
                         "states (the report says the seeds were not checked)")
     p.add_argument("--batch_size", type=int, default=10, help="episodes run in lockstep, one batched policy call")
+    p.add_argument("--shifts", default=",".join(SHIFTS),
+                   help="observations the policy never saw, on which the policy mode also scores its chunks (one more "
+                        "policy call per chunk each): comma-separated of " + ", ".join(SHIFTS) + ", or none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--disable_tqdm", action="store_true")
     return p
@@ -563,7 +688,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
                       args.device, not args.disable_tqdm, args.batch_size, args.candidates,
                       render_convention=args.render_convention,
                       task_map=parse_task_map(args.task_map) if args.task_map else None,
-                      allow_unchecked_seeds=args.allow_unchecked_seeds)
+                      allow_unchecked_seeds=args.allow_unchecked_seeds,
+                      shifts=[] if args.shifts.strip() == "none" else _names(args.shifts))
     for key, value in metrics.items():
         if "/low" not in key and "/high" not in key:
             print(f"{key:48s} {value:.4f}" if isinstance(value, float) else f"{key:48s} {value}")
