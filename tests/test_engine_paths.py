@@ -80,7 +80,8 @@ def test_evaluation_leaves_out_the_duplicates_even_batches_adds(tmp_path):
     b = json.loads((tmp_path / "eval_2.json").read_text())
     assert a["eval_samples"] == b["eval_samples"] == 10
     for key in ("loss", "energy_loss", "top1_acc", "action_l1"):
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+        # Float sums in another order differ by ~1e-5 relative; 6 duplicates among 16 rows move the loss by percents.
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
 def _plugin(loaded, **options) -> EnergyPlugin:

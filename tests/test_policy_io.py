@@ -180,6 +180,14 @@ def test_select_action_queue_and_observation_formats(tmp_path):
         EnergyPolicy.from_pretrained(out, n_action_steps=9)
 
 
+def test_a_model_on_a_tiny_backbone_saves_the_tiny_name_not_the_cache_path(tmp_path):
+    loaded, model = _model()
+    model.save_pretrained(tmp_path / "policy", loaded.processor, STATS)
+    info = json.loads((tmp_path / "policy" / "policy_config.json").read_text())
+    assert info["backbone"] == "tiny-llava" and "backbone_local_path" not in info
+    assert EnergyPolicy.from_pretrained(tmp_path / "policy").predict(_images(1), ["go"]).shape == (1, H, DA)
+
+
 def test_predicted_chunks_carry_the_energy_the_head_gives_them(tmp_path):
     loaded, model = _model()
     policy = EnergyPolicy.from_pretrained(_save(tmp_path / "policy", loaded, model))

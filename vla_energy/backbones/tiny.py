@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import transformers
 
-__all__ = ["TINY_FAMILIES", "FORMAT_VERSION", "build_tiny_checkpoint", "ensure_tiny_checkpoint",
+__all__ = ["TINY_FAMILIES", "FORMAT_VERSION", "build_tiny_checkpoint", "ensure_tiny_checkpoint", "tiny_name",
            "tiny_checkpoint_dir", "processor_unavailable"]
 
 TINY_FAMILIES = ("idefics3", "paligemma", "llava", "qwen2_vl", "qwen2_5_vl")
@@ -378,6 +378,16 @@ def tiny_checkpoint_dir(family: str, cache_dir: Optional[Union[str, Path]] = Non
         cache_dir = cache_dir / "tiny_checkpoints"
     key = json.dumps(_arguments(family, kwargs), sort_keys=True)
     return Path(cache_dir) / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def tiny_name(path: Union[str, Path]) -> Optional[str]:
+    """`tiny-<family>` when `path` is the default cached checkpoint a tiny name loads (so a policy records the name,
+    which loads anywhere, not this machine's cache path); else None."""
+    path = Path(path).resolve()
+    for family in TINY_FAMILIES:
+        if path == tiny_checkpoint_dir(family).resolve():
+            return f"tiny-{family}"
+    return None
 
 
 def ensure_tiny_checkpoint(family: str, cache_dir: Optional[Union[str, Path]] = None, **kwargs: Any) -> Path:

@@ -31,6 +31,7 @@ from torch import nn
 
 from vla_energy.backbones.loading import DTYPES, TINY_PREFIX, LoadedBackbone
 from vla_energy.backbones.lora import is_peft
+from vla_energy.backbones.tiny import tiny_name
 from vla_energy.modeling.configuration_energy import EnergyArguments
 from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
@@ -97,8 +98,9 @@ def base_reference(source: str, base: Optional[str] = None, revision: Optional[s
     its absolute path: the policy then loads only where that path exists.
     """
     local = Path(source).expanduser()
-    if not local.is_dir():
-        name = base or source
+    tiny = tiny_name(local) if base is None and local.is_dir() else None
+    if not local.is_dir() or tiny:
+        name = base or tiny or source
         return {"backbone": name, "revision": revision if revision is not None else base_revision(name, config),
                 "backbone_local_path": None}
     local = local.resolve()

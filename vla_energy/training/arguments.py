@@ -376,9 +376,10 @@ def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the dataclasses in `vla_energy/training/arguments.py` by "
-        "`python -m vla_energy.training.arguments > "
-        "docs/configuration.md` (a test keeps it current). Every option works as a YAML key in `--config` "
+        "Generated from the option dataclasses (`ModelArguments` and `TrainArguments` in "
+        "`vla_energy/training/arguments.py`, `DataConfig` in `vla_energy/data/arguments.py`, `LoraArguments` in "
+        "`vla_energy/backbones/lora.py`, `EnergyArguments` in `vla_energy/modeling/configuration_energy.py`) by "
+        "`python -m vla_energy.training.arguments > docs/configuration.md` (a test keeps it current). Every option works as a YAML key in `--config` "
         "files and as a `--flag` of `vla-energy train` (the same as `accelerate launch -m vla_energy.training.train` "
         "and `recipes/train_energy.py`); flags override the YAML.",
     ]

@@ -4,7 +4,7 @@
         --config demo [--max_steps 100 ...]
 
 The same loop runs as `vla-energy train ...` and `recipes/train_energy.py ...`. Every option is a field of the
-dataclasses in vla_energy/training/arguments.py (YAML keys and --flags alike); `--config` takes a YAML file or the
+option dataclasses gathered in vla_energy/training/arguments.py (CONFIG_CLASSES; YAML keys and --flags alike); `--config` takes a YAML file or the
 name of a shipped config (vla_energy/training/configs/). `main` reads like accelerate's examples: each step is one
 function below it, the accelerator does device placement, DDP/FSDP/DeepSpeed and accumulation.
 """
