@@ -1,6 +1,6 @@
 """Checkpoint size: what training changed (vla_energy's save_state hooks) against accelerate's full save_state.
 
-    python benchmarks/bench_checkpoint_size.py                       # the 71.5M-parameter benchmark backbone
+    python benchmarks/bench_checkpoint_size.py                       # the benchmark backbone (hidden 768, 12 layers)
     python benchmarks/bench_checkpoint_size.py --hidden_size 64 --layers 4 --image_size 32
 
 The backbone is the one bench_overhead.py builds (tiny-llava of the given width/depth, LoRA r=16 on all linear

@@ -1,6 +1,6 @@
 """Control rate: latency per `predict_action_chunk` call of each mode against the policy alone, batch 1.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_latency.py                    # the 71.5M-parameter benchmark backbone
+    OMP_NUM_THREADS=2 python benchmarks/bench_latency.py                    # the benchmark backbone (hidden 768, 12 layers)
     python benchmarks/bench_latency.py --device cuda                        # on a GPU
     OMP_NUM_THREADS=2 python benchmarks/bench_latency.py --hidden_size 64 --layers 4 --image_size 32   # tiny demo
 
@@ -58,7 +58,7 @@ def build_policy(a: argparse.Namespace, tmp: str) -> tuple[EnergyPolicy, int]:
     loaded = load_backbone(str(path), dtype="float32")
     params = sum(p.numel() for p in loaded.model.parameters())
     backbone = apply_lora(loaded.model, LoraArguments(lora_r=16))
-    plugin = EnergyPlugin(EnergyArguments(), hidden_size_of(loaded.model), a.action_dim, a.horizon,
+    plugin = EnergyPlugin(EnergyArguments(action_head=a.action_head), hidden_size_of(loaded.model), a.action_dim, a.horizon,
                           loaded.action_token_id)
     da = a.action_dim
     stats = NormStats(mode="q01_q99", mean=[0.0] * da, std=[1.0] * da, q01=[-1.0] * da, q99=[1.0] * da,
@@ -162,6 +162,8 @@ def main() -> None:
     p.add_argument("--image_size", type=int, default=64, help="image side (image tokens: (side / 8)^2)")
     p.add_argument("--action_dim", type=int, default=7)
     p.add_argument("--horizon", type=int, default=8)
+    p.add_argument("--action_head", default="l1", choices=["l1", "flow"],
+                   help="flow: a flow-matching head, whose samples `rerank:samples` / `mean:samples` choose among")
     p.add_argument("--num_samples", type=int, default=16, help="candidates K of rerank / mean")
     p.add_argument("--retrieval_chunks", type=int, default=16384, help="training chunks saved for retrieval")
     p.add_argument("--cases", nargs="+", default=None,
@@ -192,7 +194,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     print(f"backbone: tiny-llava, hidden {a.hidden_size}, {a.layers} layers, image {a.image_size} px, "
-          f"{params / 1e6:.1f}M parameters; energy head default (EnergyArguments()); batch 1; {a.device} ({where}); "
+          f"{params / 1e6:.1f}M parameters; energy head default, action head {a.action_head}; batch 1; {a.device} ({where}); "
           f"torch {torch.__version__}; {a.rounds} rounds after {a.warmup} warm-up")
     head = "| mode | candidates | median ms | ratio to policy |" + (" CPU ms | CPU ratio |" if cpu else "") + \
         (" operators | ratio |" if ops else "")
