@@ -188,6 +188,27 @@ def test_a_model_on_a_tiny_backbone_saves_the_tiny_name_not_the_cache_path(tmp_p
     assert EnergyPolicy.from_pretrained(tmp_path / "policy").predict(_images(1), ["go"]).shape == (1, H, DA)
 
 
+def test_a_policy_saved_in_format_2_loads_and_predicts_the_same(tmp_path):
+    """Format 2 kept each head in its own save_pretrained directory and a shorter plugin record."""
+    loaded, model = _model()
+    out = _save(tmp_path / "policy", loaded, model)
+    new = EnergyPolicy.from_pretrained(out).predict(_images(2), ["go", "stop"], normalized=True)
+    info = json.loads((out / "policy_config.json").read_text())
+    plugin = model.plugin
+    for name in ("action_head", "energy_head"):
+        getattr(plugin, name).save_pretrained(out / name)
+    (out / "plugin.safetensors").unlink()
+    info["format_version"] = 2
+    info["plugin"] = {k: info["plugin"][k] for k in ("args", "horizon", "action_dim", "action_token_id",
+                                                      "state_token_id")}
+    (out / "policy_config.json").write_text(json.dumps(info))
+    old = EnergyPolicy.from_pretrained(out)
+    assert np.allclose(old.predict(_images(2), ["go", "stop"], normalized=True), new, atol=1e-6)
+    (out / "state_projector").mkdir()
+    with pytest.raises(ValueError, match="incomplete policy"):
+        EnergyPolicy.from_pretrained(out)
+
+
 def test_predicted_chunks_carry_the_energy_the_head_gives_them(tmp_path):
     loaded, model = _model()
     policy = EnergyPolicy.from_pretrained(_save(tmp_path / "policy", loaded, model))
