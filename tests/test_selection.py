@@ -103,6 +103,9 @@ def test_baselines_definitions_on_toy_head():
         for mean, lo, hi in cells.values():
             assert lo <= mean <= hi
     assert metrics["delta/residuals/oracle"] < 0 and metrics["delta/residuals/oracle_hi"] <= 0
+    for rows in ("all", "policy_wrong"):
+        key = f"calibration/prefers_policy/{rows}"
+        assert 0.0 <= metrics[key + "_lo"] <= metrics[key] <= metrics[key + "_hi"] <= 1.0
     # A tiny tau makes the weighted mean the rerank choice; a huge one the plain mean.
     sharp, _ = selection_metrics(head, result, train_chunks, num_samples=6, refine_steps=0, batch_size=16,
                                  num_resamples=10, sources=["gaussian"], tau=1e-6)
@@ -199,3 +202,14 @@ def test_energy_weighted_mean_weights_by_energy():
         energy_weighted_mean(cands, energies, 0.0)
     with pytest.raises(ValueError, match="energies has shape"):
         energy_weighted_mean(cands, energies[:, :1], 0.3)
+
+
+def test_calibration_counts_the_policy_preferred_over_the_truth_where_it_is_wrong():
+    from vla_energy.evaluation.selection import calibration_metrics
+
+    first = torch.tensor([True, True, False, False, True, False])
+    l1 = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.7])  # median 0.3 (lower median): rows 3, 4, 5 are the wrong half
+    m = calibration_metrics(first, l1)
+    assert m["calibration/prefers_policy/all"] == pytest.approx(0.5)
+    assert m["calibration/prefers_policy/policy_wrong"] == pytest.approx(1 / 3)
+    assert m["calibration/prefers_policy/policy_wrong_lo"] < 1 / 3 < m["calibration/prefers_policy/policy_wrong_hi"]

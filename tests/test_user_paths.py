@@ -124,6 +124,7 @@ def test_evaluate_prints_the_tables_and_names_its_stages(work):
     assert code == 0, err[-3000:]
     assert "| top-1 accuracy | chance |" in out and "| negative type | acc | gap |" in out
     assert "| candidates | random | uniform | rerank | mean | refine | oracle |" in out and "| gaussian | " in out
+    assert "Calibration against the policy: how often the head gives the policy's chunk a lower energy" in out
     assert len(out.splitlines()) < 40
     assert "evaluate: encoding 40 val samples" in err and "evaluate: selecting among 4 candidates" in err
     assert "| negative type | acc | gap |" in (work.run / "eval_val" / "report.md").read_text()

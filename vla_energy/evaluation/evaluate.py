@@ -122,6 +122,14 @@ def evaluation_tables(metrics: Mapping[str, float]) -> str:
                   "", "| candidates | " + " | ".join(SELECTIONS) + " |", "|---|" + "---|" * len(SELECTIONS)]
         lines += [f"| {s} | " + " | ".join(_cell(metrics, f"l1/{s}/{sel}") if f"l1/{s}/{sel}" in metrics else "-"
                                            for sel in SELECTIONS) + " |" for s in sources]
+    key = "calibration/prefers_policy"
+    if f"{key}/all" in metrics:
+        lines += ["", "Calibration against the policy: how often the head gives the policy's chunk a lower energy "
+                      "than the demonstrated one [95% Wilson interval]: all samples "
+                      f"{metrics[f'{key}/all']:.2f} [{metrics[f'{key}/all_lo']:.2f}, {metrics[f'{key}/all_hi']:.2f}]"
+                  + (f"; the half where the policy is most wrong {metrics[f'{key}/policy_wrong']:.2f} "
+                     f"[{metrics[f'{key}/policy_wrong_lo']:.2f}, {metrics[f'{key}/policy_wrong_hi']:.2f}]"
+                     if f"{key}/policy_wrong" in metrics else "") + "."]
     return "\n".join(lines)
 
 

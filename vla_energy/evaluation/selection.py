@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vla_energy.evaluation.intervals import bootstrap_interval
+from vla_energy.evaluation.intervals import bootstrap_interval, wilson_interval
 from vla_energy.evaluation.metrics import EvalResult, _pad_contexts
 from vla_energy.inference.candidates import (
     error_scaled_candidates,
@@ -26,7 +26,7 @@ from vla_energy.inference.candidates import (
 )
 from vla_energy.inference.rerank import REFINE_STEP_SIZES, energy_weighted_mean, refine
 
-__all__ = ["SELECTIONS", "SOURCES", "l1_sums", "choose", "selection_metrics", "plot_selection"]
+__all__ = ["SELECTIONS", "SOURCES", "l1_sums", "choose", "selection_metrics", "calibration_metrics", "plot_selection"]
 
 SELECTIONS = ("random", "uniform", "rerank", "mean", "refine", "oracle")
 SOURCES = ("gaussian", "policy_error", "residuals", "layers", "retrieval", "samples", "multistart")
@@ -104,6 +104,7 @@ def selection_metrics(
     g = torch.Generator().manual_seed(seed)
     counts = masks.double().sum(dim=1) * truth.shape[-1]
     sums: dict[tuple[str, str], list[Tensor]] = {}
+    policy_first: list[Tensor] = []
 
     def add(source: str, selection: str, value: Tensor) -> None:
         sums.setdefault((source, selection), []).append(value.double().cpu())
@@ -114,6 +115,9 @@ def selection_metrics(
         pol, tr, am = policy[idx].to(device), truth[idx], masks[idx]
         amd = am.to(device)
         add("policy", "policy", l1_sums(pol[:, None].cpu(), tr, am)[:, 0])
+        pair = torch.stack([pol, tr.to(pol)], dim=1)  # calibration: the policy's chunk against the truth
+        e_pair = head(ctx, pair, context_mask=cmask, action_mask=amd[:, None].expand(-1, 2, -1)).float().cpu()
+        policy_first.append(e_pair[:, 0] < e_pair[:, 1])
         refined, _ = refine(head, ctx, pol, refine_steps, step_sizes, context_mask=cmask, action_mask=amd)
         add("policy", "refine", l1_sums(refined[:, None].cpu(), tr, am)[:, 0])
         cands: dict[str, Tensor] = {}
@@ -153,6 +157,7 @@ def selection_metrics(
     base = joined[("policy", "policy")]
     table: dict[str, dict[str, tuple[float, float, float]]] = {}
     metrics: dict[str, float] = {"selection_samples": float(n), "candidates": float(num_samples)}
+    metrics.update(calibration_metrics(torch.cat(policy_first), base / counts))
     for (source, selection), values in joined.items():
         cell = bootstrap_interval(values, counts, num_resamples, seed)
         table.setdefault(source, {})[selection] = cell
@@ -163,6 +168,23 @@ def selection_metrics(
             delta = bootstrap_interval(values - base, counts, num_resamples, seed)
             metrics[f"delta/{key}"], metrics[f"delta/{key}_lo"], metrics[f"delta/{key}_hi"] = delta
     return metrics, table
+
+
+def calibration_metrics(policy_first: Tensor, policy_l1: Tensor) -> dict[str, float]:
+    """How often the head gives the policy's own chunk a lower energy than the demonstrated one (policy_first [N]
+    bool), over all samples and over the half where the policy is most wrong (policy_l1 [N] above its median),
+    each with its 95% Wilson interval: a head calibrated against the policy prefers the truth where the policy
+    errs."""
+    metrics: dict[str, float] = {}
+    worse = policy_l1 > policy_l1.median()
+    for name, rows in (("all", torch.ones_like(worse)), ("policy_wrong", worse)):
+        if not bool(rows.any()):
+            continue
+        wins, total = int(policy_first[rows].sum()), int(rows.sum())
+        key = f"calibration/prefers_policy/{name}"
+        metrics[key] = wins / total
+        metrics[f"{key}_lo"], metrics[f"{key}_hi"] = wilson_interval(wins, total)
+    return metrics
 
 
 def plot_selection(path: str | Path, table: dict[str, dict[str, tuple[float, float, float]]], title: str) -> Path:
