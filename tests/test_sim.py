@@ -595,7 +595,7 @@ def test_demos_train_and_rollout_in_every_mode(tmp_path: Path) -> None:
     # rerank and mean can take the training chunks the policy carries as candidates.
     nearest = rollout(run, tmp_path / "nearest", episodes=1, max_steps=2, modes=["policy", "mean"], progress=False,
                       candidates="retrieval")
-    assert nearest["retrieval_candidates"] == 1.0 and 0.0 <= nearest["success/mean/overall"] <= 1.0
+    assert nearest["candidates"] == "retrieval" and 0.0 <= nearest["success/mean/overall"] <= 1.0
 
 
 def test_lerobot_convention_renders_as_lerobots_env() -> None:

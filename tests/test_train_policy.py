@@ -71,16 +71,27 @@ def test_no_validation_split_trains_requeues_and_checkpoints_load_as_policies(tm
     assert not (ckpt / "backbone").exists() and not (runs / "noval" / "base").exists()
 
 
-def test_ranking_and_alignment_terms_train_under_ddp(tmp_path):
-    """candidate_ranking and grad_align_weight (a double backward through the DDP-wrapped head) on 2 processes."""
+def test_ranking_and_alignment_terms_train_under_ddp(tmp_path, monkeypatch):
+    """candidate_ranking and grad_align_weight (a double backward through the DDP-wrapped head) on 2 processes; the
+    retrieval chunks' context keys, each process encoding its share, are those of the saved policy, in order."""
+    from vla_energy.training.retrieval_chunks import add_retrieval_chunks
+
     runs = tmp_path / "runs"
     out = ["--output_dir", str(runs), "--run_name", "terms", "--max_steps", "3", "--eval_strategy", "no",
-           "--candidate_ranking", "4", "--grad_align_weight", "0.5", "--policy_error_negatives", "1"]
+           "--candidate_ranking", "4", "--grad_align_weight", "0.5", "--policy_error_negatives", "1",
+           "--retrieval_chunks", "23", "--retrieval_contexts", "--per_device_eval_batch_size", "4"]
     run = _launch([*SMALL, *out], tmp_path, 29752)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     history = json.loads((runs / "terms" / "metrics.json").read_text())["history"]
     logged = [h for h in history if "energy/ranking_loss" in h]
     assert len(logged) == 3 and all(h["energy/ranking_loss"] > 0 and -1 <= h["energy/grad_align_cos"] <= 1
                                     for h in logged)
-    info = json.loads((runs / "terms" / "model" / "policy_config.json").read_text())
+    model = runs / "terms" / "model"
+    info = json.loads((model / "policy_config.json").read_text())
     assert info["plugin"]["args"]["candidate_ranking"] == 4 and info["plugin"]["args"]["grad_align_weight"] == 0.5
+    trained = load_file(str(model / "retrieval_chunks.safetensors"))["contexts"]
+    assert trained.shape[0] == info["retrieval_contexts"] == 23
+    monkeypatch.setenv("VLA_ENERGY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    add_retrieval_chunks(model, count=23, progress=False, contexts=True, batch_size=7)
+    torch.testing.assert_close(load_file(str(model / "retrieval_chunks.safetensors"))["contexts"], trained)

@@ -19,7 +19,7 @@ from vla_energy.data.loading import load_frames
 from vla_energy.data.normalization import NormStats, compute_norm_stats
 from vla_energy.data.split import split_rows, spread_indices
 
-__all__ = ["build_datasets", "training_chunks"]
+__all__ = ["build_datasets", "training_chunks", "retrieval_rows"]
 
 
 @contextmanager
@@ -69,10 +69,14 @@ def build_datasets(cfg: DataConfig, progress: bool = True) -> tuple[Dataset, Dat
                 with_cameras(chunked.select(val_rows), cfg.camera_layout, cameras), stats)
 
 
+def retrieval_rows(train_ds: Dataset, count: int) -> Dataset:
+    """The up to `count` rows evenly spread over a split whose chunks (and context keys) a policy keeps."""
+    return train_ds.select(spread_indices(len(train_ds), count))
+
+
 def training_chunks(train_ds: Dataset, count: int) -> Optional[torch.Tensor]:
     """Up to `count` normalized action chunks [N,H,Da] evenly spread over a split (None for 0): what a policy keeps
-    for candidates="retrieval"."""
+    for candidates="retrieval", those of retrieval_rows."""
     if count <= 0:
         return None
-    rows = train_ds.select(spread_indices(len(train_ds), count)).select_columns(["actions"]).with_format("torch")
-    return rows[:]["actions"].float()
+    return retrieval_rows(train_ds, count).select_columns(["actions"]).with_format("torch")[:]["actions"].float()

@@ -2,8 +2,9 @@
 
 Every source returns [B,K,H,Da] with the policy's own chunk first, so a choice among them can always fall back
 to the policy. Sources: gaussian (the policy + Gaussian perturbations), layers (the policy + its layer-wise
-predictions), retrieval (the policy + the training chunks nearest to it), samples (the policy + a flow head's
-samples), and, for evaluation against ground truth, policy_error (perturbations at the policy's own error scale) and
+predictions), retrieval (the policy + the training chunks nearest to it), neighbors (the policy + the chunks of the
+training samples whose contexts are nearest to the current one), samples (the policy + a flow head's samples), and,
+for evaluation against ground truth, policy_error (perturbations at the policy's own error scale) and
 residuals (other samples' errors).
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vla_energy.checks import check_mask, check_tensor
@@ -20,10 +22,11 @@ from vla_energy.inference.rerank import Bound, check_bounds, clamp_to_bounds
 from vla_energy.losses.perturbation import perturb
 
 __all__ = ["CANDIDATE_SOURCES", "make_candidates", "gaussian_candidates", "layer_candidates", "sample_candidates",
-           "leave_one_group_out_error", "error_scaled_candidates", "residual_candidates", "retrieve_nearest"]
+           "leave_one_group_out_error", "error_scaled_candidates", "residual_candidates", "retrieve_nearest",
+           "context_key", "neighbor_candidates", "nearest_indices"]
 
 # The sources EnergyPolicy offers (evaluation adds policy_error and residuals, which need ground truth).
-CANDIDATE_SOURCES = ("gaussian", "layers", "retrieval", "samples")
+CANDIDATE_SOURCES = ("gaussian", "layers", "retrieval", "neighbors", "samples")
 # sampler(num, generator) -> [B,num,H,Da]: draws of a stochastic policy for the same contexts (EnergyPlugin.sample_actions).
 Sampler = Callable[[int, Optional[torch.Generator]], Tensor]
 
@@ -40,12 +43,16 @@ def make_candidates(
     low: Bound = -1.0,
     high: Bound = 1.0,
     sampler: Optional[Sampler] = None,
+    contexts: Optional[Tensor] = None,
+    query: Optional[Tensor] = None,
 ) -> Tensor:
     """[B,K,H,Da] candidates of `source` (CANDIDATE_SOURCES) around the policy chunk [B,H,Da], the policy first.
 
     gaussian: K = num_samples (sigma, generator); layers: the policy's layer-wise predictions (layer_actions, the
     last being the policy itself); retrieval: K = num_samples, the training `chunks` [N,H,Da] nearest to the policy;
-    samples: K = num_samples, the policy and K-1 draws of a flow head (`sampler`, generator).
+    neighbors: K = num_samples, the `chunks` of the training samples whose context keys `contexts` [N,D] are nearest
+    to the current context's key `query` [B,D] (context_key); samples: K = num_samples, the policy and K-1 draws of
+    a flow head (`sampler`, generator).
     """
     if source == "gaussian":
         return gaussian_candidates(policy, num_samples, sigma, generator, low, high)
@@ -58,6 +65,14 @@ def make_candidates(
             raise ValueError("candidates='retrieval' needs the training chunks saved with the policy "
                              "(retrieval_chunks.safetensors, written by training with --retrieval_chunks > 0)")
         return retrieve_nearest(policy, chunks, num_samples)
+    if source == "neighbors":
+        if chunks is None or contexts is None:
+            raise ValueError("candidates='neighbors' needs the training chunks and their context keys saved with the "
+                             "policy (retrieval_chunks.safetensors with 'contexts'): train with --retrieval_contexts, "
+                             "or add them to a saved policy with add_retrieval_chunks(path, contexts=True)")
+        if query is None:
+            raise ValueError("candidates='neighbors' needs the current context's key (query=context_key(...))")
+        return neighbor_candidates(policy, query, contexts, chunks, num_samples)
     if source == "samples":
         if sampler is None:
             raise ValueError("candidates='samples' needs a stochastic action head's sampler: train the policy with "
@@ -166,13 +181,53 @@ def retrieve_nearest(policy: Tensor, chunks: Tensor, num_samples: int, batch_siz
     if k > chunks.shape[0]:
         raise ValueError(f"num_samples={num_samples} needs {k} retrieved chunks, but chunks holds {chunks.shape[0]}")
     flat_p = policy.reshape(policy.shape[0], -1).float()
-    best_d = torch.full((policy.shape[0], 0), 0.0)
-    best_i = torch.zeros(policy.shape[0], 0, dtype=torch.long)
-    for start in range(0, chunks.shape[0], batch_size):
-        block = chunks[start:start + batch_size].reshape(-1, flat_p.shape[1]).to(flat_p)
-        d = torch.cdist(flat_p, block).cpu()
+    idx = nearest_indices(flat_p, chunks.reshape(chunks.shape[0], -1), k, torch.cdist, batch_size)
+    near = chunks[idx.to(chunks.device)].to(policy.device, policy.dtype)
+    return torch.cat([policy[:, None], near], dim=1)
+
+
+def context_key(context: Tensor, context_mask: Tensor) -> Tensor:
+    """[B,D] float32: the mean of a readout's context [B,T,D] over its real tokens (context_mask [B,T]), L2-normalised;
+    the key of candidates='neighbors', for the saved training samples and the current observation alike."""
+    check_tensor("context", context, ("B", "T", "D"))
+    mask = check_mask("context_mask", context_mask, tuple(context.shape[:2])).to(context.device, torch.float32)
+    mean = (context.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return F.normalize(mean, dim=-1)
+
+
+def neighbor_candidates(policy: Tensor, query: Tensor, contexts: Tensor, chunks: Tensor, num_samples: int,
+                        batch_size: int = 4096) -> Tensor:
+    """[B,K,H,Da]: the policy chunk + the `chunks` [N,H,Da] of the K-1 samples whose context keys `contexts` [N,D] are
+    nearest (cosine) to `query` [B,D], whatever chunk the policy predicts: similar observations with each of their
+    demonstrated actions, so every mode among them is a candidate."""
+    check_tensor("policy", policy, ("B", "H", "Da"))
+    check_tensor("query", query, ("B", "D"), B=policy.shape[0])
+    check_tensor("contexts", contexts, ("N", "D"), D=query.shape[1])
+    check_tensor("chunks", chunks, ("N", "H", "Da"), N=contexts.shape[0], H=policy.shape[1], Da=policy.shape[2])
+    k = num_samples - 1
+    if k > contexts.shape[0]:
+        raise ValueError(f"num_samples={num_samples} needs {k} neighbours, but the policy holds the contexts of "
+                         f"{contexts.shape[0]} training samples")
+    idx = nearest_indices(F.normalize(query.float(), dim=-1), contexts, k, _cosine_distance, batch_size)
+    near = chunks[idx.to(chunks.device)].to(policy.device, policy.dtype)
+    return torch.cat([policy[:, None], near], dim=1)
+
+
+def _cosine_distance(query: Tensor, keys: Tensor) -> Tensor:
+    """[B,n] 1 - cosine similarity of unit-norm queries [B,D] and keys [n,D] (normalised here)."""
+    return 1 - query @ F.normalize(keys, dim=-1).T
+
+
+def nearest_indices(query: Tensor, pool: Tensor, k: int, distance: Callable[[Tensor, Tensor], Tensor],
+                    batch_size: int = 4096) -> Tensor:
+    """[B,k] indices of the k rows of `pool` [N,F] nearest to each row of `query` [B,F] by `distance` ([B,F], [n,F]
+    -> [B,n]), nearest first; the pool is read batch_size rows at a time."""
+    best_d = torch.zeros(query.shape[0], 0)
+    best_i = torch.zeros(query.shape[0], 0, dtype=torch.long)
+    for start in range(0, pool.shape[0], batch_size):
+        block = pool[start:start + batch_size].to(query)
+        d = distance(query, block).float().cpu()
         d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(start, start + block.shape[0]).expand_as(d)], 1)
         best_d, pick = d.topk(min(k, d.shape[1]), dim=1, largest=False)
         best_i = i.gather(1, pick)
-    near = chunks[best_i.to(chunks.device)].to(policy.device, policy.dtype)
-    return torch.cat([policy[:, None], near], dim=1)
+    return best_i

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from vla_energy.backbones.readout import BackboneReadout
-from vla_energy.inference.candidates import CANDIDATE_SOURCES, make_candidates
+from vla_energy.inference.candidates import CANDIDATE_SOURCES, context_key, make_candidates
 from vla_energy.inference.cuda_graphs import GraphedRefine
 from vla_energy.inference.rerank import (
     PREDICT_MODES,
@@ -193,9 +193,10 @@ class EnergyPolicy:
         if mode in ("rerank", "mean"):
             g = torch.Generator(device=policy.device).manual_seed(seed)
             sampler = partial(self.plugin.sample_actions, readout) if self.plugin.is_flow else None
+            query = context_key(readout.context, readout.context_mask) if candidates == "neighbors" else None
             cands = make_candidates(candidates, policy, num_samples, layer_actions=layers, sigma=sigma,
                                     chunks=self.loaded.retrieval_chunks, generator=g, low=low, high=high,
-                                    sampler=sampler)
+                                    sampler=sampler, contexts=self.loaded.retrieval_contexts, query=query)
             ranked = rerank(head, ctx, cands.to(policy.dtype), context_mask=cmask)
             chunk = ranked.best if mode == "rerank" else energy_weighted_mean(cands, ranked.energies,
                                                                              self.plugin.args.tau)
@@ -223,9 +224,10 @@ class EnergyPolicy:
         """Action chunks [B,H,Da] (unnormalized unless normalized=True) from the policy, rerank, mean or refine;
         `states` [B, Ds] in raw units (a policy trained with the state needs them); `candidates` of rerank / mean:
         gaussian (the policy + Gaussian perturbations), layers (its layer-wise predictions), retrieval (the
-        training chunks nearest to the policy's) or samples (a flow head's samples: the policy's chunk and
-        num_samples - 1 draws seeded by `seed`; rerank is best-of-N; mean averages them, which across modes lands
-        between them); refine descends the energy from the policy's chunk with a line search over `step_sizes` for
+        training chunks nearest to the policy's), neighbors (the chunks of the training samples whose contexts are
+        nearest to this observation's, whatever action was taken there) or samples (a flow head's samples: the
+        policy's chunk and num_samples - 1 draws seeded by `seed`; rerank is best-of-N; mean averages them, which
+        across modes lands between them); refine descends the energy from the policy's chunk with a line search over `step_sizes` for
         `refine_steps` steps. With a flow head, mode="policy" is its sample from the fixed noise chunk
         (flow_noise_seed)."""
         states = self.normalize_state(states) if self.uses_state and states is not None else None
@@ -279,8 +281,8 @@ class EnergyPolicy:
                              return_energy: bool = False, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
         """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
         units (normalized=True: as the model predicts them); with return_energy also the energy head's energy of
-        each chunk [B] ([] unbatched), a failure signal (docs/stochastic.md). kwargs: num_samples, sigma,
-        refine_steps, step_sizes, seed, candidates ("gaussian" | "layers" | "retrieval" | "samples") of the
+        each chunk [B] ([] unbatched), a failure signal (docs/sim.md). kwargs: num_samples, sigma, refine_steps,
+        step_sizes, seed, candidates ("gaussian" | "layers" | "retrieval" | "neighbors" | "samples") of the
         rerank / mean / refine modes."""
         images, tasks, single = self._parse_observation(observation)
         opts = {"num_samples": 16, "sigma": 0.1, "refine_steps": 10, "step_sizes": REFINE_STEP_SIZES, "seed": 0,

@@ -9,7 +9,8 @@ Layout (policy_config.json says which parts are present):
     adapter/                 peft LoRA adapter
     action_token_embedding.safetensors   the action token's embedding row
     plugin.safetensors                   action head, energy head, temperature, state projector
-    retrieval_chunks.safetensors         normalized training action chunks: candidates="retrieval" at inference
+    retrieval_chunks.safetensors         normalized training action chunks: candidates="retrieval" at inference;
+                                         with "contexts", their samples' context keys: candidates="neighbors"
     norm_stats.json  run_config.json  README.md
 """
 
@@ -140,6 +141,7 @@ def write_policy(
     retrieval_chunks: Optional[torch.Tensor] = None,
     inputs: Optional[dict[str, Any]] = None,
     base_local_path: Optional[str] = None,
+    retrieval_contexts: Optional[torch.Tensor] = None,
 ) -> Path:
     """Write the policy files of `model` into the existing directory `out`.
 
@@ -147,8 +149,9 @@ def write_policy(
     `revision` (default: the hub commit it was loaded at), and `base_local_path`, a local copy loaded instead where
     it exists; processor: with the action token (None: the base's is used at load time); run_config: the run's
     options (a mapping, or a run_config.json to copy); retrieval_chunks [N,H,Da]: normalized training chunks, the
-    candidates of `candidates="retrieval"`; inputs: the layout of the model inputs (processor_kwargs, cameras,
-    camera_layout) that EnergyPolicy rebuilds.
+    candidates of `candidates="retrieval"`; retrieval_contexts [N,D]: the context keys of those chunks' samples
+    (inference.candidates.context_key), the nearest of which give `candidates="neighbors"`; inputs: the layout of
+    the model inputs (processor_kwargs, cameras, camera_layout) that EnergyPolicy rebuilds.
     """
     out = Path(out)
     backbone, plugin = model.backbone, model.plugin
@@ -189,7 +192,9 @@ def write_policy(
     if norm_stats is not None:
         norm_stats.save(out / "norm_stats.json")
     if retrieval_chunks is not None:
-        save_retrieval_chunks(out, retrieval_chunks, info)
+        save_retrieval_chunks(out, retrieval_chunks, info, retrieval_contexts)
+    elif retrieval_contexts is not None:
+        raise ValueError("retrieval_contexts are the keys of retrieval_chunks: pass the chunks too")
     if isinstance(run_config, Mapping):
         (out / "run_config.json").write_text(json.dumps(run_config, indent=2))
     elif run_config is not None and Path(run_config).exists():
@@ -215,9 +220,20 @@ def save_policy(out_dir: str | Path, *args: Any, **kwargs: Any) -> Path:
     return out
 
 
-def save_retrieval_chunks(out: Path, chunks: torch.Tensor, info: dict[str, Any]) -> int:
-    """retrieval_chunks.safetensors in `out`, its count recorded in the policy config `info`; returns the count."""
-    save_file({"chunks": chunks.detach().float().cpu().contiguous()}, str(out / "retrieval_chunks.safetensors"))
+def save_retrieval_chunks(out: Path, chunks: torch.Tensor, info: dict[str, Any],
+                          contexts: Optional[torch.Tensor] = None) -> int:
+    """retrieval_chunks.safetensors in `out` ("chunks" [N,H,Da], and "contexts" [N,D], the keys of the chunks'
+    samples, when given), the counts recorded in the policy config `info`; returns the chunk count."""
+    tensors = {"chunks": chunks.detach().float().cpu().contiguous()}
+    info.pop("retrieval_contexts", None)
+    info.pop("retrieval_context_dim", None)
+    if contexts is not None:
+        if contexts.dim() != 2 or contexts.shape[0] != chunks.shape[0]:
+            raise ValueError(f"retrieval contexts have shape {tuple(contexts.shape)}, expected (N, D) with N = "
+                             f"{chunks.shape[0]}, one key per chunk")
+        tensors["contexts"] = contexts.detach().float().cpu().contiguous()
+        info["retrieval_contexts"], info["retrieval_context_dim"] = int(contexts.shape[0]), int(contexts.shape[1])
+    save_file(tensors, str(out / "retrieval_chunks.safetensors"))
     info["retrieval_chunks"] = int(chunks.shape[0])
     return info["retrieval_chunks"]
 
@@ -242,6 +258,7 @@ class LoadedPolicy:
     info: dict[str, Any]
     path: Optional[Path] = None
     retrieval_chunks: Optional[torch.Tensor] = None  # [N,H,Da] normalized training chunks
+    retrieval_contexts: Optional[torch.Tensor] = None  # [N,D] context keys of the chunks' samples
 
     @property
     def backbone(self) -> nn.Module:
@@ -282,7 +299,8 @@ class LoadedPolicy:
         return save_policy(out_dir, self.model, self.processor, self.norm_stats, base=self.info["backbone"],
                            revision=self.info.get("revision"), run_config=run_config,
                            retrieval_chunks=self.retrieval_chunks, inputs=self.inputs(),
-                           base_local_path=self.info.get("backbone_local_path"))
+                           base_local_path=self.info.get("backbone_local_path"),
+                           retrieval_contexts=self.retrieval_contexts)
 
     def collator(self) -> Any:
         """The VLACollator of training: the prompt, the action (and state) token and the processor options."""
@@ -445,7 +463,7 @@ def load_policy(
         from vla_energy.data import NormStats
 
         norm_stats = NormStats.load(path / "norm_stats.json")
-    chunks = None
+    retrieval = {}
     if (path / "retrieval_chunks.safetensors").exists():
-        chunks = load_file(str(path / "retrieval_chunks.safetensors"))["chunks"].to(device)
-    return LoadedPolicy(model, processor, norm_stats, info, path, chunks)
+        retrieval = {k: v.to(device) for k, v in load_file(str(path / "retrieval_chunks.safetensors")).items()}
+    return LoadedPolicy(model, processor, norm_stats, info, path, retrieval.get("chunks"), retrieval.get("contexts"))

@@ -561,10 +561,11 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     in lockstep (one batched policy call); write the report to out_dir (default run_dir/rollout) and return the
     metrics. The environment is the synthetic task when the run's dataset is "synthetic", else Meta-World;
     max_steps defaults to the environment's (150 in Meta-World, 60 in the synthetic task). `candidates`: where
-    rerank / mean take their candidates (gaussian | layers | retrieval | samples). Seeds that are demonstrations
-    are refused before the policy loads; Meta-World runs without that check only with allow_unchecked_seeds.
-    Every executed chunk's energy is kept: the report gives how well an episode's mean energy predicts its failure
-    (AUROC per mode) and, for each of `shifts` (SHIFTS), how the policy's energies move on shifted observations."""
+    rerank / mean take their candidates (gaussian | layers | retrieval | neighbors | samples). Seeds that are
+    demonstrations are refused before the policy loads; Meta-World runs without that check only with
+    allow_unchecked_seeds. Every executed chunk's energy is kept: the report gives how well an episode's mean energy
+    predicts its failure (AUROC per mode) and, for each of `shifts` (SHIFTS), how the policy's energies move on
+    shifted observations."""
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.modeling.serialization import resolve_policy_dir
 
@@ -620,7 +621,7 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     metrics.update({f"seconds/{m}": s for m, s in seconds.items()})
     metrics.update({**suite.metrics, "seed_check": seed_check, "seeds_checked": float(not seed_check.startswith("NOT"))})
     metrics["episodes_per_task"] = float(episodes)
-    metrics["retrieval_candidates"] = float(candidates == "retrieval")
+    metrics["candidates"] = candidates
     from vla_energy.evaluation.report import write_metrics
 
     write_metrics(out / "metrics.json", metrics)
@@ -646,8 +647,10 @@ def build_parser(prog: str = "python -m vla_energy.sim.rollout") -> argparse.Arg
 
     p.add_argument("--candidates", default="gaussian", choices=list(CANDIDATE_SOURCES),
                    help="candidates of rerank and mean: the policy + Gaussian perturbations, its layer-wise "
-                        "predictions, the training chunks nearest to the policy's (saved with the policy), or a flow "
-                        "head's samples (a policy trained with --action_head flow)")
+                        "predictions, the training chunks nearest to the policy's (saved with the policy), the chunks "
+                        "of the training samples whose contexts are nearest to the observation's (neighbors: a policy "
+                        "saved with their contexts, --retrieval_contexts), or a flow head's samples (a policy "
+                        "trained with --action_head flow)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first episode (Meta-World: past the "
                    "demonstrations'; synthetic: any, its episodes come from a stream the dataset does not use)")
     p.add_argument("--max_steps", type=int, default=None,

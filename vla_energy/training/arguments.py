@@ -140,6 +140,13 @@ class TrainArguments:
         default=16384, metadata={"help": "Normalized training action chunks saved with the policy (evenly spread over "
                                          "the training split), the candidates of candidates='retrieval' (0: none)."}
     )
+    retrieval_contexts: bool = field(
+        default=False,
+        metadata={"help": "Also save the context keys of the retrieval chunks' samples, encoded by the trained model "
+                          "after training (one forward per sample), for candidates='neighbors': the chunks of the "
+                          "training samples whose contexts are nearest to the current one. Needs retrieval_chunks > 0 "
+                          "and unsharded weights (not FSDP or DeepSpeed ZeRO-3)."},
+    )
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "Checkpoint directory to resume from, or 'latest' (the newest complete one)."}
     )
@@ -187,6 +194,9 @@ class TrainArguments:
             raise ValueError(f"stop_after_steps={self.stop_after_steps}, expected >= 0")
         if self.retrieval_chunks < 0:
             raise ValueError(f"retrieval_chunks={self.retrieval_chunks}, expected >= 0 (0: none)")
+        if self.retrieval_contexts and self.retrieval_chunks == 0:
+            raise ValueError("retrieval_contexts are the keys of the retrieval chunks' samples: set retrieval_chunks "
+                             "> 0 too")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit}, expected >= 1 or None")
         if self.overwrite_output_dir and self.resume_from_checkpoint:

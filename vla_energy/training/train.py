@@ -37,7 +37,7 @@ from vla_energy.backbones.readout import hidden_size_of
 from vla_energy.data import VLACollator, build_datasets
 from vla_energy.data.loading import image_columns
 from vla_energy.data.normalization import NormStats
-from vla_energy.data.pipeline import training_chunks
+from vla_energy.data.pipeline import retrieval_rows, training_chunks
 from vla_energy.data.split import spread_indices
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.modeling.energy_plugin import EnergyPlugin
@@ -70,6 +70,7 @@ from vla_energy.training.preflight import (
     checked_config,
     clear_run_dir,
 )
+from vla_energy.training.retrieval_chunks import encode_context_keys
 from vla_energy.training.run_report import add_results_to_policy, write_outputs
 from vla_energy.training.schedule import ProgressiveSchedule
 from vla_energy.training.unused import check_unused_parameters
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     skipped: list[str] = []
     trackers = check_trackers(train.report_to, log=skipped.append)
     accelerator = make_accelerator(train, run_dir, trackers)
+    check_retrieval_contexts(accelerator, train)
     run_config = run_config_dict(configs)  # after make_accelerator, which may change an option (DeepSpeed)
     for line in skipped:
         accelerator.print(line)
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         finish(accelerator)
         return {}
 
+    if train.retrieval_contexts:
+        files["retrieval_contexts"] = retrieval_contexts(accelerator, model, data, collator, train)
     # Saved before the final evaluation: an evaluation error does not lose the trained policy.
     saved = policy_module(accelerator, model, lambda: build_model(model_args, lora_args, energy_args,
                                                                   data_args.horizon, data)[0])
@@ -522,6 +526,29 @@ def policy_base(model_args: ModelArguments, loaded: LoadedBackbone, log: Optiona
             log(f"note: the saved policy names its base {base['backbone']} without a revision (it loads the hub's "
                 "current one elsewhere): pass --base_model_revision <commit> of the local copy")
     return base
+
+
+def check_retrieval_contexts(accelerator: Accelerator, train: TrainArguments) -> None:
+    """Refuse retrieval_contexts with sharded weights, before training: each process encodes its share with the
+    unwrapped model, outside the wrapper's forward that would gather sharded weights."""
+    if train.retrieval_contexts and weights_sharded(accelerator):
+        raise ConfigError("--retrieval_contexts encodes the training samples with the trained model, which needs its "
+                          "full weights on every process; with sharded weights (FSDP, DeepSpeed ZeRO-3) train without "
+                          "it and add the contexts to the saved policy afterwards: "
+                          "vla_energy.training.retrieval_chunks.add_retrieval_chunks('<run>/model', contexts=True)")
+
+
+def retrieval_contexts(accelerator: Accelerator, model: torch.nn.Module, data: RunData, collator: VLACollator,
+                       train: TrainArguments) -> Optional[torch.Tensor]:
+    """The context keys [N,D] of the retrieval chunks' samples under the trained model (main process; None
+    elsewhere): every process encodes its share of them, gathered in order."""
+    loader = accelerator.prepare(DataLoader(retrieval_rows(data.train_ds, train.retrieval_chunks),
+                                            batch_size=train.per_device_eval_batch_size, collate_fn=collator))
+    with accelerator.autocast():
+        keys = encode_context_keys(accelerator.unwrap_model(model), loader, len(loader),
+                                   accelerator.is_main_process and not train.disable_tqdm,
+                                   gather=accelerator.gather_for_metrics)
+    return keys if accelerator.is_main_process else None
 
 
 def policy_files(loaded: LoadedBackbone, data: RunData, run_config: dict[str, Any], model_args: ModelArguments,

@@ -1,0 +1,108 @@
+"""Closed loop on the multimodal synthetic task (two valid squares, the expert choosing either): can the energy
+head pick a mode where the L1 policy averages them? An L1 run and a flow-head run of the demo config, rolled out on
+the same unseen episodes with each candidate source, with the failure signal of each mode.
+
+    python benchmarks/bench_multimodal_closed_loop.py [--episodes 100 --out runs]
+    python benchmarks/bench_multimodal_closed_loop.py --l1_run runs/mm_l1 --flow_run runs/mm_flow
+
+runs (skipping a training whose run directory already has a model/):
+
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --output_dir runs --run_name mm_l1 --report_to none
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --output_dir runs --run_name mm_flow --report_to none
+    python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('runs/mm_l1', contexts=True)"
+    vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,rerank,mean --candidates SOURCE --out_dir RUN/rollout_SOURCE
+
+(the third when the run saved no training contexts, which candidates neighbors needs; training with
+--retrieval_contexts true saves them), for the L1 run with SOURCE gaussian, retrieval and neighbors, for the flow run with samples (best of N among its
+samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
+[95% bootstrap interval], and the failure AUROC of the policy mode's energies; written also to
+<out>/bench_multimodal_closed_loop.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("policy", "rerank", "mean")
+SOURCES = {"l1": ("gaussian", "retrieval", "neighbors"), "flow": ("samples",)}
+TRAIN_FLAGS = {"l1": [], "flow": ["--action_head", "flow"]}
+
+
+def vla_energy(*args: str) -> None:
+    """Run the `vla-energy` command of this environment, echoing it."""
+    exe = Path(sys.executable).with_name("vla-energy")
+    print("$ vla-energy " + " ".join(args), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([str(exe), *args], env=env, check=True)
+
+
+def cell(metrics: dict, key: str, signed: bool = False) -> str:
+    """`value [low, high]` of a metric with its interval, or - when absent."""
+    if key not in metrics:
+        return "-"
+    f = "{:+.2f}" if signed else "{:.2f}"
+    return f"{f.format(metrics[key])} [{f.format(metrics[key + '/low'])}, {f.format(metrics[key + '/high'])}]"
+
+
+def row(name: str, metrics: dict) -> str:
+    """One markdown row: success per mode (with the paired difference), the failure AUROC per mode."""
+    cells = [cell(metrics, f"success/{m}/overall") + (f", {cell(metrics, f'delta/{m}/overall', True)}"
+                                                       if f"delta/{m}/overall" in metrics else "") for m in MODES]
+    cells += [cell(metrics, f"failure_auroc/{m}") for m in MODES]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def has_contexts(run: Path) -> bool:
+    """Whether the run's policy saved the training contexts that candidates='neighbors' needs."""
+    info = json.loads((run / "model" / "policy_config.json").read_text())
+    return bool(info.get("retrieval_contexts"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument("--l1_run", type=Path, default=None, help="a demo run trained with --synthetic_modes targets")
+    parser.add_argument("--flow_run", type=Path, default=None, help="the same with --action_head flow")
+    args = parser.parse_args()
+    lines = ["| run, candidates | " + " | ".join(MODES) + " | " + " | ".join(f"failure AUROC {m}" for m in MODES)
+             + " |", "|---|" + "---|" * (2 * len(MODES))]
+    results = {}
+    for kind, sources in SOURCES.items():
+        run = (args.l1_run if kind == "l1" else args.flow_run) or args.out / f"mm_{kind}"
+        if not (run / "model").is_dir():
+            vla_energy("train", "--num_processes", "2", "--config", "demo", "--synthetic_modes", "targets",
+                       *TRAIN_FLAGS[kind], "--output_dir", str(run.parent), "--run_name", run.name, "--report_to",
+                       "none", "--disable_tqdm")
+        if "neighbors" in sources and not has_contexts(run):
+            from vla_energy.training.retrieval_chunks import add_retrieval_chunks
+
+            print(f"adding the training contexts to {run}", flush=True)
+            add_retrieval_chunks(run, contexts=True)
+        for source in sources:
+            out = run / f"rollout_{source}"
+            start = time.perf_counter()
+            vla_energy("rollout", str(run), "--episodes", str(args.episodes), "--batch_size", str(args.episodes),
+                       "--modes", ",".join(MODES), "--candidates", source, "--out_dir", str(out), "--disable_tqdm")
+            metrics = json.loads((out / "metrics.json").read_text())
+            results[f"{kind}, {source}"] = {"metrics": metrics, "seconds": time.perf_counter() - start}
+            lines.append(row(f"{kind}, {source} (`{run}`)", metrics))
+    table = "\n".join(lines)
+    print(table)
+    for key, r in results.items():
+        m = r["metrics"]
+        shifts = "; ".join(f"{s} AUROC {cell(m, f'shift_auroc/{s}')}" for s in ("noisy_images", "other_instruction")
+                           if f"shift_auroc/{s}" in m)
+        print(f"{key}: rollout {r['seconds']:.0f} s; energies on shifted observations: {shifts or '-'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_multimodal_closed_loop.json").write_text(json.dumps({"table": table, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
