@@ -15,7 +15,8 @@ runs (skipping a training whose run directory already has a model/):
 (the third when the run saved no training contexts, which candidates neighbors needs; training with
 --retrieval_contexts true saves them), for the L1 run with SOURCE gaussian, retrieval and neighbors, for the flow run with samples (best of N among its
 samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
-[95% bootstrap interval], and the failure AUROC of the policy mode's energies; written also to
+[95% bootstrap interval], and the failure AUROC of each mode's energies; for neighbors and samples also rerank's
+control, a uniformly random pick among the same candidates; written also to
 <out>/bench_multimodal_closed_loop.json.
 """
 
@@ -32,6 +33,8 @@ from pathlib import Path
 MODES = ("policy", "rerank", "mean")
 SOURCES = {"l1": ("gaussian", "retrieval", "neighbors"), "flow": ("samples",)}
 TRAIN_FLAGS = {"l1": [], "flow": ["--action_head", "flow"]}
+# Sources whose rerank is also run with a random pick: what the energy adds to the candidates themselves.
+RANDOM_CONTROL = ("neighbors", "samples")
 
 
 def vla_energy(*args: str) -> None:
@@ -56,6 +59,33 @@ def row(name: str, metrics: dict) -> str:
                                                        if f"delta/{m}/overall" in metrics else "") for m in MODES]
     cells += [cell(metrics, f"failure_auroc/{m}") for m in MODES]
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def random_pick_rollout(run: Path, out: Path, episodes: int, source: str) -> dict:
+    """The control of rerank: the same rollout with the candidate chosen uniformly at random instead of by energy
+    (EnergyPolicy's rerank replaced for this call only; seeded)."""
+    import torch
+
+    from vla_energy.inference import policy as policy_module
+    from vla_energy.inference.rerank import RerankResult
+    from vla_energy.sim.rollout import rollout
+
+    g = torch.Generator().manual_seed(0)
+    by_energy = policy_module.rerank
+
+    def pick(head, context, candidates, **kwargs):
+        if candidates.shape[1] == 1:  # the executed chunk's energy, for the report
+            return by_energy(head, context, candidates, **kwargs)
+        energies = torch.rand(candidates.shape[:2], generator=g).to(candidates.device)
+        index = energies.argmin(dim=1)
+        return RerankResult(candidates[torch.arange(len(index)), index], index, energies)
+
+    policy_module.rerank = pick
+    try:
+        return rollout(run, out, episodes=episodes, modes=["policy", "rerank"], batch_size=episodes, progress=False,
+                       candidates=source, shifts=())
+    finally:
+        policy_module.rerank = by_energy
 
 
 def has_contexts(run: Path) -> bool:
@@ -93,6 +123,12 @@ def main() -> None:
             metrics = json.loads((out / "metrics.json").read_text())
             results[f"{kind}, {source}"] = {"metrics": metrics, "seconds": time.perf_counter() - start}
             lines.append(row(f"{kind}, {source} (`{run}`)", metrics))
+            if source in RANDOM_CONTROL:
+                print(f"$ the same with a uniformly random pick among the candidates: {run}/rollout_{source}_random",
+                      flush=True)
+                metrics = random_pick_rollout(run, run / f"rollout_{source}_random", args.episodes, source)
+                results[f"{kind}, {source}, random pick"] = {"metrics": metrics}
+                lines.append(row(f"{kind}, {source}, random pick in place of rerank", metrics))
     table = "\n".join(lines)
     print(table)
     for key, r in results.items():
