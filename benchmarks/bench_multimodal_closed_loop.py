@@ -1,22 +1,27 @@
-"""Closed loop on the multimodal synthetic task (two valid squares, the expert choosing either): can the energy
-head pick a mode where the L1 policy averages them? An L1 run and a flow-head run of the demo config, rolled out on
-the same unseen episodes with each candidate source, with the failure signal of each mode.
+"""Closed loop on the synthetic task with several valid modes (two valid squares, the expert choosing either) and,
+as the control, with one: can the energy head pick a mode where the L1 policy averages them, and does it cost
+anything where there is one way to act? An L1 run and a flow-head run of the demo config on the multimodal task
+(the flow head also on the L1 run's backbone) and an L1 run on the one-target task, rolled out on the same unseen
+episodes with each candidate source, with the failure signal of each mode.
 
     python benchmarks/bench_multimodal_closed_loop.py [--episodes 100 --out runs]
-    python benchmarks/bench_multimodal_closed_loop.py --l1_run runs/mm_l1 --flow_run runs/mm_flow
+    python benchmarks/bench_multimodal_closed_loop.py --l1_run runs/mm_l1 --flow_run runs/mm_flow \
+        --flow_init_run runs/mm_flow_init --unimodal_run runs/uni_l1
 
 runs (skipping a training whose run directory already has a model/):
 
-    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --output_dir runs --run_name mm_l1 --report_to none
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --retrieval_contexts true --output_dir runs --run_name mm_l1 --report_to none
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --output_dir runs --run_name mm_flow --report_to none
-    python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('runs/mm_l1', contexts=True)"
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --output_dir runs --run_name mm_flow_init --report_to none
+    vla-energy train --num_processes 2 --config demo --retrieval_contexts true --output_dir runs --run_name uni_l1 --report_to none
+    python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('RUN', contexts=True)"
     vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,rerank,mean --candidates SOURCE --out_dir RUN/rollout_SOURCE
 
-(the third when the run saved no training contexts, which candidates neighbors needs; training with
---retrieval_contexts true saves them), for the L1 run with SOURCE gaussian, retrieval and neighbors, for the flow run with samples (best of N among its
-samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
-[95% bootstrap interval], and the failure AUROC of each mode's energies; for neighbors and samples also rerank's
-control, a uniformly random pick among the same candidates; written also to
+(the fourth when a run saved no training contexts, which candidates neighbors needs), for the L1 runs with SOURCE
+gaussian, retrieval and neighbors, for the flow runs with samples (best of N among its samples), and prints a
+markdown table: success [95% Wilson interval] per mode, the paired difference to the policy [95% bootstrap
+interval], and the failure AUROC of each mode's energies and relative energies; for neighbors and samples also
+rerank's control, a uniformly random pick among the same candidates; written also to
 <out>/bench_multimodal_closed_loop.json.
 """
 
@@ -31,8 +36,13 @@ import time
 from pathlib import Path
 
 MODES = ("policy", "rerank", "mean")
-SOURCES = {"l1": ("gaussian", "retrieval", "neighbors"), "flow": ("samples",)}
-TRAIN_FLAGS = {"l1": [], "flow": ["--action_head", "flow"]}
+SOURCES = {"l1": ("gaussian", "retrieval", "neighbors"), "flow": ("samples",), "flow_init": ("samples",),
+           "unimodal": ("gaussian", "retrieval", "neighbors")}
+MULTIMODAL = ["--synthetic_modes", "targets"]
+# flow_init: the flow head on the L1 run's backbone and adapter (init_from), which already see the task.
+TRAIN_FLAGS = {"l1": [*MULTIMODAL, "--retrieval_contexts", "true"], "flow": [*MULTIMODAL, "--action_head", "flow"],
+               "flow_init": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{l1_run}"],
+               "unimodal": ["--retrieval_contexts", "true"]}
 # Sources whose rerank is also run with a random pick: what the energy adds to the candidates themselves.
 RANDOM_CONTROL = ("neighbors", "samples")
 
@@ -54,10 +64,12 @@ def cell(metrics: dict, key: str, signed: bool = False) -> str:
 
 
 def row(name: str, metrics: dict) -> str:
-    """One markdown row: success per mode (with the paired difference), the failure AUROC per mode."""
+    """One markdown row: success per mode (with the paired difference), the failure AUROC per mode of the energy
+    and of the relative energy."""
     cells = [cell(metrics, f"success/{m}/overall") + (f", {cell(metrics, f'delta/{m}/overall', True)}"
                                                        if f"delta/{m}/overall" in metrics else "") for m in MODES]
-    cells += [cell(metrics, f"failure_auroc/{m}") for m in MODES]
+    cells += [f"{cell(metrics, f'failure_auroc/{m}')}; {cell(metrics, f'relative_failure_auroc/{m}')}"
+              for m in MODES]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -100,16 +112,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--l1_run", type=Path, default=None, help="a demo run trained with --synthetic_modes targets")
     parser.add_argument("--flow_run", type=Path, default=None, help="the same with --action_head flow")
+    parser.add_argument("--flow_init_run", type=Path, default=None,
+                        help="the same with --action_head flow --init_from <the L1 run>")
+    parser.add_argument("--unimodal_run", type=Path, default=None, help="a demo run on the one-target task")
+    parser.add_argument("--reuse_rollouts", action="store_true",
+                        help="read a rollout whose RUN/rollout_SOURCE/metrics.json exists instead of running it again")
     args = parser.parse_args()
-    lines = ["| run, candidates | " + " | ".join(MODES) + " | " + " | ".join(f"failure AUROC {m}" for m in MODES)
-             + " |", "|---|" + "---|" * (2 * len(MODES))]
+    lines = ["| run, candidates | " + " | ".join(MODES) + " | "
+             + " | ".join(f"failure AUROC {m}: energy; relative" for m in MODES) + " |",
+             "|---|" + "---|" * (2 * len(MODES))]
+    runs = {"l1": args.l1_run, "flow": args.flow_run, "flow_init": args.flow_init_run, "unimodal": args.unimodal_run}
+    defaults = {"l1": "mm_l1", "flow": "mm_flow", "flow_init": "mm_flow_init", "unimodal": "uni_l1"}
     results = {}
     for kind, sources in SOURCES.items():
-        run = (args.l1_run if kind == "l1" else args.flow_run) or args.out / f"mm_{kind}"
+        run = runs[kind] or args.out / defaults[kind]
         if not (run / "model").is_dir():
-            vla_energy("train", "--num_processes", "2", "--config", "demo", "--synthetic_modes", "targets",
-                       *TRAIN_FLAGS[kind], "--output_dir", str(run.parent), "--run_name", run.name, "--report_to",
-                       "none", "--disable_tqdm")
+            flags = [f.format(l1_run=runs["l1"] or args.out / defaults["l1"]) for f in TRAIN_FLAGS[kind]]
+            vla_energy("train", "--num_processes", "2", "--config", "demo", *flags, "--output_dir",
+                       str(run.parent), "--run_name", run.name, "--report_to", "none", "--disable_tqdm")
         if "neighbors" in sources and not has_contexts(run):
             from vla_energy.training.retrieval_chunks import add_retrieval_chunks
 
@@ -118,23 +138,27 @@ def main() -> None:
         for source in sources:
             out = run / f"rollout_{source}"
             start = time.perf_counter()
-            vla_energy("rollout", str(run), "--episodes", str(args.episodes), "--batch_size", str(args.episodes),
-                       "--modes", ",".join(MODES), "--candidates", source, "--out_dir", str(out), "--disable_tqdm")
+            if not (args.reuse_rollouts and (out / "metrics.json").exists()):
+                vla_energy("rollout", str(run), "--episodes", str(args.episodes), "--batch_size", str(args.episodes),
+                           "--modes", ",".join(MODES), "--candidates", source, "--out_dir", str(out), "--disable_tqdm")
             metrics = json.loads((out / "metrics.json").read_text())
             results[f"{kind}, {source}"] = {"metrics": metrics, "seconds": time.perf_counter() - start}
             lines.append(row(f"{kind}, {source} (`{run}`)", metrics))
             if source in RANDOM_CONTROL:
                 print(f"$ the same with a uniformly random pick among the candidates: {run}/rollout_{source}_random",
                       flush=True)
-                metrics = random_pick_rollout(run, run / f"rollout_{source}_random", args.episodes, source)
+                random_out = run / f"rollout_{source}_random"
+                metrics = json.loads((random_out / "metrics.json").read_text()) if args.reuse_rollouts and (
+                    random_out / "metrics.json").exists() else random_pick_rollout(run, random_out, args.episodes,
+                                                                                  source)
                 results[f"{kind}, {source}, random pick"] = {"metrics": metrics}
                 lines.append(row(f"{kind}, {source}, random pick in place of rerank", metrics))
     table = "\n".join(lines)
     print(table)
     for key, r in results.items():
         m = r["metrics"]
-        shifts = "; ".join(f"{s} AUROC {cell(m, f'shift_auroc/{s}')}" for s in ("noisy_images", "other_instruction")
-                           if f"shift_auroc/{s}" in m)
+        shifts = "; ".join(f"{s} AUROC {cell(m, f'shift_auroc/{s}')} (relative {cell(m, f'relative_shift_auroc/{s}')})"
+                           for s in ("noisy_images", "other_instruction") if f"shift_auroc/{s}" in m)
         print(f"{key}: rollout {r['seconds']:.0f} s; energies on shifted observations: {shifts or '-'}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_multimodal_closed_loop.json").write_text(json.dumps({"table": table, **results}, indent=1))

@@ -16,6 +16,7 @@ from vla_energy.inference.rerank import (
     clamp_to_bounds,
     energy_weighted_mean,
     refine,
+    relative_energy,
     rerank,
 )
 from vla_energy.modeling.configuration_energy import EnergyArguments
@@ -223,3 +224,35 @@ def test_graphed_refine_gives_refine_on_cuda():
             torch.testing.assert_close(got[0], want[0])
             torch.testing.assert_close(got[1], want[1])
     assert len(graphed._graphs) == 2  # the least recently used graph went
+
+
+class _Offset(torch.nn.Module):
+    """A head whose energies are another head's plus a constant per context: InfoNCE cannot tell them apart."""
+
+    def __init__(self, head: EnergyHead, offsets: torch.Tensor) -> None:
+        super().__init__()
+        self.head, self.offsets = head, offsets
+
+    def forward(self, context, actions, **kwargs):
+        return self.head(context, actions, **kwargs) + self.offsets[:, None]
+
+
+def test_relative_energy_is_the_energy_minus_the_soft_minimum_over_the_references():
+    head, x = _head(), _inputs()
+    chunks, refs = x["actions"][:, 0], x["pool"]
+    got = relative_energy(head, x["context"], chunks, refs, tau=0.3)
+    e = head(x["context"], torch.cat([chunks[:, None], refs[None].expand(3, -1, -1, -1)], dim=1))
+    soft_min = -0.3 * torch.log(torch.exp(-e[:, 1:] / 0.3).mean(dim=1))
+    torch.testing.assert_close(got, e[:, 0] - soft_min)
+    # A context's energy level cancels.
+    offsets = torch.tensor([0.0, 5.0, -2.0])
+    torch.testing.assert_close(relative_energy(_Offset(head, offsets), x["context"], chunks, refs, tau=0.3), got)
+    # The soft minimum lies between the references' lowest and mean energy: the lowest-energy reference scores
+    # <= 0 and the highest >= 0.
+    lowest, highest = refs[e[:, 1:].argmin(dim=1)], refs[e[:, 1:].argmax(dim=1)]
+    assert bool((relative_energy(head, x["context"], lowest, refs, tau=0.3) <= 0).all())
+    assert bool((relative_energy(head, x["context"], highest, refs, tau=0.3) >= 0).all())
+    with pytest.raises(ValueError, match="references"):
+        relative_energy(head, x["context"], chunks, refs[:, :2], tau=0.3)
+    with pytest.raises(ValueError, match="tau"):
+        relative_energy(head, x["context"], chunks, refs, tau=0.0)

@@ -333,6 +333,36 @@ def test_retrieval_candidates_and_energy_weighted_mean(tmp_path):
         bare.predict(images, texts, mode="rerank", candidates="retrieval")
 
 
+def test_relative_energy_is_measured_against_a_fixed_draw_of_training_chunks(tmp_path):
+    from vla_energy.inference.policy import REFERENCE_CHUNKS
+    from vla_energy.inference.rerank import relative_energy
+
+    loaded, model = _model()
+    chunks = torch.rand(REFERENCE_CHUNKS + 16, H, DA, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    policy = EnergyPolicy.from_pretrained(_save(tmp_path / "policy", loaded, model, retrieval_chunks=chunks))
+    refs = policy.reference_chunks
+    assert refs.shape == (REFERENCE_CHUNKS, H, DA) and refs is policy.reference_chunks  # drawn once
+    assert all(bool(((chunks - r).abs().amax(dim=(1, 2)) == 0).any()) for r in refs)
+    again = EnergyPolicy.from_pretrained(tmp_path / "policy").reference_chunks
+    assert torch.equal(refs, again)  # seeded: the same references in every process
+    obs = {"observation.images.top": np.stack(_images(2)), "task": ["go", "stop"]}
+    chunk, energy, rel = policy.predict_action_chunk(obs, mode="rerank", normalized=True, return_energy=True,
+                                                     relative_energy=True, num_samples=4)
+    head = policy.plugin.energy_head
+    readout = policy.encode(list(obs["observation.images.top"]), obs["task"])
+    ctx = head.encode_context(readout.context, readout.context_mask)
+    torch.testing.assert_close(rel, relative_energy(head, ctx, chunk, refs, policy.plugin.args.tau))
+    single = policy.predict_action_chunk({"observation.images.top": _images(1)[0], "task": "go"},
+                                         return_energy=True, relative_energy=True)
+    assert [tuple(t.shape) for t in single] == [(H, DA), (), ()]
+    with pytest.raises(ValueError, match="pass return_energy=True too"):
+        policy.predict_action_chunk(obs, relative_energy=True)
+    bare = EnergyPolicy.from_pretrained(_save(tmp_path / "bare", loaded, model))
+    assert bare.reference_chunks is None
+    with pytest.raises(ValueError, match="saved no training chunks to measure relative energies against"):
+        bare.predict_action_chunk(obs, return_energy=True, relative_energy=True)
+
+
 def test_add_retrieval_chunks_to_a_policy_saved_without_them(tmp_path, monkeypatch):
     from vla_energy.data.arguments import DataConfig
     from vla_energy.training.retrieval_chunks import add_retrieval_chunks

@@ -200,6 +200,16 @@ def test_init_from_a_saved_policy(tmp_path):
         changed = any(not torch.equal(before[k], after[k]) for k in before)
         assert changed == moved, part
 
+    # Another kind of action head: the backbone and adapter carry over (frozen here), the flow head starts fresh.
+    flow = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "flow", "--max_steps", "1", "--init_from",
+                    str(runs / "a"), "--use_lora", "false", "--action_head", "flow"], tmp_path, 29650, processes=1)
+    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
+    assert "its action head is 'l1', this run's --action_head is 'flow'" in flow.stderr
+    adapters = [load_file(str(runs / run / "model" / "adapter/adapter_model.safetensors")) for run in ("a", "flow")]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    info = json.loads((runs / "flow" / "model" / "policy_config.json").read_text())
+    assert info["plugin"]["args"]["action_head"] == "flow"
+
     wrong = _launch([*SMALL, "--output_dir", str(runs), "--run_name", "wrong", "--max_steps", "1", "--init_from",
                      str(runs / "a"), "--horizon", "3"], tmp_path, 29649, processes=1)
     assert wrong.returncode != 0 and "its action head predicts (horizon, action_dim) = (4, " in wrong.stderr

@@ -167,10 +167,11 @@ class _ExpertPolicy:
     n_action_steps = 1
 
     def predict_action_chunk(self, observation, mode: str, seed: int, candidates: str = "gaussian",
-                             return_energy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                             return_energy: bool = False, relative_energy: bool = False) -> tuple[np.ndarray, ...]:
         self.calls += 1
         actions = self.env.expert_actions().astype(np.float32)
-        return actions[:, None], -np.linalg.norm(actions, axis=1)
+        energy = -np.linalg.norm(actions, axis=1)
+        return (actions[:, None], energy, energy + 1.0) if relative_energy else (actions[:, None], energy)
 
 
 def test_the_rollout_loop_runs_the_expert_to_success() -> None:
@@ -182,14 +183,19 @@ def test_the_rollout_loop_runs_the_expert_to_success() -> None:
     assert len(frames) == results[0][1] + 1  # the first episode from its start to its success
     # One chunk per step (n_action_steps 1), its energy kept while the episode runs.
     assert [len(e) for e in done.energies] == [n for _, n in results]
-    assert done.shifted == {} and done.reference == []
+    assert done.shifted == {} and done.reference == [] and done.relative == []
+    again = run_batch(env, _ExpertPolicy(env), [10, 11, 12, 13, 14], "policy", DEFAULT_MAX_STEPS, relative=True)
+    assert again.results == results and again.energies == done.energies
+    assert [np.allclose(np.array(r) - 1.0, e) for r, e in zip(again.relative, again.energies)] == [True] * 5
 
 
 def test_the_loop_scores_the_policy_on_shifted_observations() -> None:
     env = SyntheticEnv(_config(num_targets=2), 3)
-    done = run_batch(env, _ExpertPolicy(env), [10, 11, 12], "policy", 5, shifts=SHIFTS)
-    assert set(done.shifted) == set(SHIFTS)
+    done = run_batch(env, _ExpertPolicy(env), [10, 11, 12], "policy", 5, shifts=SHIFTS, relative=True)
+    assert set(done.shifted) == set(done.shifted_relative) == set(SHIFTS)
     assert all(len(v) == len(done.reference) == 15 for v in done.shifted.values())  # 3 episodes x 5 chunks
+    assert np.allclose(np.array(done.reference_relative) - 1.0, done.reference)
+    assert all(np.allclose(np.array(done.shifted_relative[s]) - 1.0, done.shifted[s]) for s in SHIFTS)
     obs = env.observation()
     noisy = shift_observation(obs, "noisy_images", seed=3)
     key = next(k for k in obs if k.startswith("observation.images."))
@@ -213,9 +219,15 @@ def test_failure_and_shift_metrics() -> None:
     assert m["failure_auroc/policy/low"] <= 0.75 <= m["failure_auroc/policy/high"]
     assert m["energy/policy/failure"] == pytest.approx(0.525) and m["energy/policy/success"] == pytest.approx(0.15)
     assert "failure_auroc/rerank" not in m and m["energy/rerank/success"] == 0.0  # no failures: no AUROC
+    assert not any(k.startswith("relative_") for k in m)  # not recorded: not reported
+    relative = [{**e, "relative_energy": -e["energy"]} for e in episodes]
+    r = failure_metrics(relative, ["policy", "rerank"])
+    assert r["failure_auroc/policy"] == pytest.approx(0.75) and r["relative_failure_auroc/policy"] == pytest.approx(0.25)
+    assert r["relative_energy/policy/failure"] == pytest.approx(-0.525)
     s = shift_metrics([0.0, 0.1, 0.2], {"noisy_images": [0.5, 0.6, 0.7], "other_instruction": []})
     assert s["shift_auroc/noisy_images"] == 1.0 and s["shift_energy/noisy_images"] == pytest.approx(0.6)
     assert s["shift_energy/none"] == pytest.approx(0.1) and "shift_auroc/other_instruction" not in s
+    assert shift_metrics([0.0], {"noisy_images": [1.0]}, prefix="relative_")["relative_shift_auroc/noisy_images"] == 1.0
 
 
 def test_rollout_command_on_a_tiny_synthetic_run(tmp_path: Path) -> None:
@@ -243,16 +255,18 @@ def test_rollout_command_on_a_tiny_synthetic_run(tmp_path: Path) -> None:
     assert len(episodes) == 3 * len(MODES)
     assert {e["seed"] for e in episodes} == {1000, 1001, 1002}
     assert set(episodes[0]) == {"task", "mode", "seed", "success", "steps", "reached", "distance", "agent", "goals",
-                                "expert_choice", "energy", "chunks"}
+                                "expert_choice", "energy", "chunks", "relative_energy"}
     assert all(e["chunks"] == -(-e["steps"] // 2) for e in episodes)  # a new chunk every 2 steps
     for shift in SHIFTS:
         assert 0.0 <= metrics[f"shift_auroc/{shift}/low"] <= metrics[f"shift_auroc/{shift}"] <= 1.0
+        assert 0.0 <= metrics[f"relative_shift_auroc/{shift}"] <= 1.0  # the policy saved training chunks
     assert np.shape(episodes[0]["goals"]) == (2, 2) and len(episodes[0]["agent"]) == 2
     report = (out / "report.md").read_text()
     assert f"# Closed-loop evaluation of `{run}` in the synthetic task" in report
     assert "| synthetic-targets |" in report and "| overall |" in report and "Paired difference" in report
     assert "within 0.05 of a valid target (the grip output is not required)" in report
     assert "## Energies as a failure signal" in report and "| noisy_images |" in report
+    assert "AUROC, relative energy" in report
     for mode in MODES:
         gif = out / "gifs" / f"synthetic-targets_{mode}.gif"
         assert gif.read_bytes()[:6] == b"GIF89a" and f"gifs/synthetic-targets_{mode}.gif" in report

@@ -27,10 +27,14 @@ from vla_energy.inference.rerank import (
     Bound,
     energy_weighted_mean,
     refine,
+    relative_energy,
     rerank,
 )
 
-__all__ = ["EnergyPolicy", "candidate_bounds"]
+__all__ = ["EnergyPolicy", "candidate_bounds", "REFERENCE_CHUNKS"]
+
+# How many training chunks (a fixed draw from retrieval_chunks) the relative energy is measured against.
+REFERENCE_CHUNKS = 64
 
 
 def candidate_bounds(norm_stats: Any) -> tuple[Bound, Bound]:
@@ -91,6 +95,7 @@ class EnergyPolicy:
         if not 1 <= self.n_action_steps <= horizon:
             raise ValueError(f"n_action_steps={n_action_steps}, expected 1..horizon={horizon}")
         self._queue: deque[Tensor] = deque()
+        self._reference_chunks: Optional[Tensor] = None
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | Path, device: str | torch.device = "cpu",
@@ -134,6 +139,19 @@ class EnergyPolicy:
                              "as in training")
         return stats.normalize(state)
 
+    @property
+    def reference_chunks(self) -> Optional[Tensor]:
+        """The training chunks [R,H,Da] relative energies are measured against: a fixed draw (seed 0) of
+        REFERENCE_CHUNKS of the saved retrieval chunks; None when the policy saved none."""
+        chunks = self.loaded.retrieval_chunks
+        if chunks is None:
+            return None
+        if self._reference_chunks is None:
+            g = torch.Generator().manual_seed(0)
+            pick = torch.randperm(len(chunks), generator=g)[:REFERENCE_CHUNKS]
+            self._reference_chunks = chunks[pick.to(chunks.device)]
+        return self._reference_chunks
+
     @torch.no_grad()
     def encode(self, images: Sequence[Any], instructions: Sequence[str], states: Optional[Tensor] = None
                ) -> BackboneReadout:
@@ -173,9 +191,11 @@ class EnergyPolicy:
 
     def _chunks(self, images: Sequence[Any], instructions: Sequence[str], mode: str, num_samples: int, sigma: float,
                 refine_steps: int, step_sizes: Sequence[float], seed: int, states: Optional[Tensor] = None,
-                candidates: str = "gaussian", with_energy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds, and
-        with_energy the energy head's energy of each [B] (float32; else None)."""
+                candidates: str = "gaussian", with_energy: bool = False, with_relative: bool = False
+                ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Normalized chunks [B,H,Da] (float32) from the policy, rerank, mean or refine, candidates within bounds;
+        with_energy the energy head's energy of each [B], with_relative its relative energy [B] (float32; else
+        None)."""
         if mode not in PREDICT_MODES:
             raise ValueError(f"mode={mode!r}, expected one of {PREDICT_MODES}")
         if candidates not in CANDIDATE_SOURCES:
@@ -185,8 +205,8 @@ class EnergyPolicy:
         with torch.no_grad():
             policy, layers = self.plugin.predict_actions(readout)
             # Encoded once for every call of the head below (refine makes 1 + 2 * refine_steps); it holds the mask.
-            ctx = head.encode_context(readout.context, readout.context_mask) if mode != "policy" or with_energy \
-                else None
+            ctx = head.encode_context(readout.context, readout.context_mask) \
+                if mode != "policy" or with_energy or with_relative else None
         cmask = None
         low, high = candidate_bounds(self.loaded.norm_stats)
         chunk = policy
@@ -203,9 +223,16 @@ class EnergyPolicy:
         elif mode == "refine":
             chunk, _ = self._refine(head, ctx, policy, refine_steps, step_sizes, context_mask=cmask, low=low,
                                     high=high)
-        if not with_energy:
-            return chunk.float(), None
-        return chunk.float(), rerank(head, ctx, chunk[:, None].to(policy.dtype)).energies[:, 0].float()
+        energy = rerank(head, ctx, chunk[:, None].to(policy.dtype)).energies[:, 0].float() if with_energy else None
+        relative = None
+        if with_relative:
+            references = self.reference_chunks
+            if references is None:
+                raise ValueError(f"the policy {self.loaded.path} saved no training chunks to measure relative "
+                                 "energies against (retrieval_chunks.safetensors): train with --retrieval_chunks > 0 "
+                                 "or add them with add_retrieval_chunks(path)")
+            relative = relative_energy(head, ctx, chunk.to(policy.dtype), references, self.plugin.args.tau)
+        return chunk.float(), energy, relative
 
     def predict(
         self,
@@ -278,10 +305,12 @@ class EnergyPolicy:
         return images, tasks, single
 
     def predict_action_chunk(self, observation: Mapping[str, Any], mode: str = "policy", normalized: bool = False,
-                             return_energy: bool = False, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+                             return_energy: bool = False, relative_energy: bool = False, **kwargs: Any
+                             ) -> Tensor | tuple[Tensor, ...]:
         """Action chunk [B,H,Da] ([H,Da] for one unbatched observation), float32 on the policy's device, in action
         units (normalized=True: as the model predicts them); with return_energy also the energy head's energy of
-        each chunk [B] ([] unbatched), a failure signal (docs/sim.md). kwargs: num_samples, sigma, refine_steps,
+        each chunk [B] ([] unbatched), a failure signal (docs/sim.md), and with relative_energy too its energy
+        relative to the policy's reference training chunks (`reference_chunks`, `rerank.relative_energy`). kwargs: num_samples, sigma, refine_steps,
         step_sizes, seed, candidates ("gaussian" | "layers" | "retrieval" | "neighbors" | "samples") of the
         rerank / mean / refine modes."""
         images, tasks, single = self._parse_observation(observation)
@@ -298,13 +327,16 @@ class EnergyPolicy:
             raw = observation["observation.state"]
             raw = raw.detach().cpu() if isinstance(raw, Tensor) else np.asarray(raw, np.float32)
             states = self.normalize_state(raw[None] if raw.ndim == 1 else raw)
-        chunk, energy = self._chunks(images, tasks, mode, **{**opts, **kwargs}, states=states,
-                                     with_energy=return_energy)
+        if relative_energy and not return_energy:
+            raise ValueError("relative_energy=True comes with the energy: pass return_energy=True too")
+        chunk, energy, relative = self._chunks(images, tasks, mode, **{**opts, **kwargs}, states=states,
+                                               with_energy=return_energy, with_relative=relative_energy)
         if not normalized and self.loaded.norm_stats is not None:
             chunk = self.loaded.norm_stats.unnormalize(chunk)
-        if not return_energy:
+        out = tuple(t for t in (chunk, energy, relative) if t is not None)
+        if len(out) == 1:
             return chunk[0] if single else chunk
-        return (chunk[0], energy[0]) if single else (chunk, energy)
+        return tuple(t[0] for t in out) if single else out
 
     def select_action(self, observation: Mapping[str, Any], mode: str = "policy", **kwargs: Any) -> Tensor:
         """The next action [Da] ([B,Da] batched): a new chunk is predicted when the queue of n_action_steps

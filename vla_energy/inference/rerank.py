@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from vla_energy.checks import check_tensor
 from vla_energy.modeling.modeling_energy_head import EncodedContext
 
-__all__ = ["RerankResult", "rerank", "energy_weighted_mean", "refine", "prepare_refine", "descend", "Descent",
+__all__ = ["RerankResult", "rerank", "energy_weighted_mean", "relative_energy", "refine", "prepare_refine", "descend", "Descent",
            "clamp_to_bounds", "check_bounds", "batch_size", "PREDICT_MODES", "REFINE_STEP_SIZES", "Bound"]
 
 PREDICT_MODES = ("policy", "rerank", "mean", "refine")
@@ -88,6 +89,27 @@ def energy_weighted_mean(candidates: Tensor, energies: Tensor, tau: float) -> Te
         raise ValueError(f"tau={tau}, expected > 0")
     weights = torch.softmax(-energies.float() / tau, dim=1).to(candidates.dtype)
     return (weights[..., None, None] * candidates).sum(dim=1)
+
+
+@torch.no_grad()
+def relative_energy(head: nn.Module, context: Union[Tensor, EncodedContext], chunks: Tensor, references: Tensor,
+                    tau: float) -> Tensor:
+    """[B]: each chunk's energy [B,H,Da] minus the soft minimum, -tau * log mean exp(-E / tau), of the energies of
+    the same reference chunks [R,H,Da] in its context.
+
+    InfoNCE only compares chunks within one context, so it leaves each context's energy level free; the relative
+    energy removes that level. It is tau times the chunk's negative log-probability under the head's distribution
+    over the references (up to log R): comparable across contexts, e.g. as a failure signal.
+    """
+    check_tensor("chunks", chunks, ("B", "H", "Da"), B=batch_size(context))
+    check_tensor("references", references, ("R", "H", "Da"), H=chunks.shape[1], Da=chunks.shape[2])
+    if tau <= 0:
+        raise ValueError(f"tau={tau}, expected > 0")
+    b = chunks.shape[0]
+    both = torch.cat([chunks[:, None], references.to(chunks)[None].expand(b, -1, -1, -1)], dim=1)
+    e = head(context, both).float()  # [B, 1 + R]
+    soft_min = -tau * (torch.logsumexp(-e[:, 1:] / tau, dim=1) - math.log(references.shape[0]))
+    return e[:, 0] - soft_min
 
 
 @dataclass

@@ -35,7 +35,7 @@ from vla_energy.evaluation.intervals import paired_bootstrap_interval, wilson_in
 from vla_energy.sim.envs import BatchedEnv, Suite
 from vla_energy.sim.metaworld_env import MAX_PATH_LENGTH
 
-__all__ = ["MODES", "SHIFTS", "shift_observation", "BatchResult", "failure_metrics", "shift_metrics", "sim_settings", "seed_check_plan", "check_seeds", "MetaWorldEnvs", "metaworld_suite", "suite_for",
+__all__ = ["MODES", "SHIFTS", "SCORES", "shift_observation", "BatchResult", "failure_metrics", "shift_metrics", "sim_settings", "seed_check_plan", "check_seeds", "MetaWorldEnvs", "metaworld_suite", "suite_for",
            "run_batch", "run_episodes", "success_metrics", "rollout", "build_parser", "main"]
 
 MODES = ("policy", "rerank", "mean", "refine")
@@ -352,48 +352,70 @@ def shift_observation(observation: dict[str, Any], shift: str, seed: int) -> dic
 @dataclass
 class BatchResult:
     """One batch of lockstep episodes: (success, steps) per episode, the first episode's frames, the energy of each
-    chunk an episode executed, and per shift the energies of the policy's chunks on shifted observations (paired
-    with `reference`, the policy's chunks' energies on the same, unshifted observations)."""
+    chunk an episode executed (and its relative energy, when asked), and per shift the energies of the policy's
+    chunks on shifted observations (paired with `reference`, the policy's chunks' energies on the same, unshifted
+    observations; the `*_relative` lists hold the relative energies of the same chunks)."""
 
     results: list[tuple[bool, int]]
     frames: list[np.ndarray]
     energies: list[list[float]]
     shifted: dict[str, list[float]] = field(default_factory=dict)
     reference: list[float] = field(default_factory=list)
+    relative: list[list[float]] = field(default_factory=list)
+    shifted_relative: dict[str, list[float]] = field(default_factory=dict)
+    reference_relative: list[float] = field(default_factory=list)
+
+
+def _floats(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, np.float64)
+
+
+def _scored(policy: Any, observation: dict[str, Any], relative: bool, **kwargs: Any
+            ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(chunks, energies, relative energies or None) of one batched predict_action_chunk call."""
+    out = policy.predict_action_chunk(observation, return_energy=True, **({"relative_energy": True} if relative
+                                                                          else {}), **kwargs)
+    chunk = np.asarray(out[0].detach().cpu() if hasattr(out[0], "detach") else out[0], np.float32)
+    return chunk, _floats(out[1]), _floats(out[2]) if relative else None
 
 
 def run_batch(env: BatchedEnv, policy: Any, seeds: Sequence[int], mode: str, max_steps: int, record: bool = False,
-              candidates: str = "gaussian", shifts: Sequence[str] = ()) -> BatchResult:
+              candidates: str = "gaussian", shifts: Sequence[str] = (), relative: bool = False) -> BatchResult:
     """One episode per seed, run in lockstep with one batched `predict_action_chunk` call per chunk (its first
     `policy.n_action_steps` actions executed), the frames of the first episode if record, and the energy of every
-    executed chunk. `shifts` (SHIFTS): also score the policy's own chunk on shifted observations at each chunk. An
-    episode ends at its first success; a finished one is no longer stepped (its last observation stays in the
-    batch)."""
+    executed chunk (relative: also its relative energy). `shifts` (SHIFTS): also score the policy's own chunk on
+    shifted observations at each chunk. An episode ends at its first success; a finished one is no longer stepped
+    (its last observation stays in the batch)."""
     observation = env.reset(seeds)
     policy.reset()
     frames = [env.frame(0)] if record else []
     steps: list[Optional[int]] = [None] * len(seeds)
-    out = BatchResult([], frames, [[] for _ in seeds], {s: [] for s in shifts})
+    out = BatchResult([], frames, [[] for _ in seeds], {s: [] for s in shifts},
+                      relative=[[] for _ in seeds] if relative else [],
+                      shifted_relative={s: [] for s in shifts} if relative else {})
     queue: list[np.ndarray] = []
     for step in range(max_steps):
-        active = np.array([s is None for s in steps])
+        active = np.flatnonzero([s is None for s in steps])
         if not queue:
             # One seed per batch and chunk keeps the rerank candidates reproducible and the same across modes.
-            chunk, energy = policy.predict_action_chunk(observation, mode=mode, seed=seeds[0] + step,
-                                                        candidates=candidates, return_energy=True)
-            chunk = np.asarray(chunk.detach().cpu() if hasattr(chunk, "detach") else chunk, np.float32)
-            energy = np.asarray(energy.detach().cpu() if hasattr(energy, "detach") else energy, np.float64)
+            chunk, energy, rel = _scored(policy, observation, relative, mode=mode, seed=seeds[0] + step,
+                                         candidates=candidates)
             queue = list(chunk[:, : policy.n_action_steps].transpose(1, 0, 2))
-            for i in np.flatnonzero(active):
+            for i in active:
                 out.energies[i].append(float(energy[i]))
+                if relative:
+                    out.relative[i].append(float(rel[i]))
             for shift in shifts:
-                _, shifted = policy.predict_action_chunk(shift_observation(observation, shift, seeds[0] + step),
-                                                         mode="policy", seed=seeds[0] + step, return_energy=True)
-                shifted = np.asarray(shifted.detach().cpu() if hasattr(shifted, "detach") else shifted, np.float64)
-                out.shifted[shift] += [float(shifted[i]) for i in np.flatnonzero(active)]
+                _, shifted, shifted_rel = _scored(policy, shift_observation(observation, shift, seeds[0] + step),
+                                                  relative, mode="policy", seed=seeds[0] + step)
+                out.shifted[shift] += [float(shifted[i]) for i in active]
+                if relative:
+                    out.shifted_relative[shift] += [float(shifted_rel[i]) for i in active]
             if shifts:
-                out.reference += [float(energy[i]) for i in np.flatnonzero(active)]
-        observation, success = env.step(queue.pop(0), active)
+                out.reference += [float(energy[i]) for i in active]
+                if relative:
+                    out.reference_relative += [float(rel[i]) for i in active]
+        observation, success = env.step(queue.pop(0), np.array([s is None for s in steps]))
         for i in np.flatnonzero(success):
             steps[i] = step + 1 if steps[i] is None else steps[i]
         if record and (steps[0] is None or steps[0] == step + 1):
@@ -439,36 +461,44 @@ def success_metrics(episodes: Sequence[dict], modes: Sequence[str], tasks: Seque
     return metrics
 
 
+# The episode scores of the failure signal: (episode record key, metric prefix).
+SCORES = (("energy", ""), ("relative_energy", "relative_"))
+
+
 def failure_metrics(episodes: Sequence[dict], modes: Sequence[str]) -> dict[str, float]:
-    """Per mode, how well an episode's mean chunk energy predicts its failure: the AUROC (failures scoring higher)
-    with its bootstrap interval, when the mode has both successes and failures, and the mean energy of each."""
+    """Per mode, how well an episode's mean chunk energy (and mean relative energy, where recorded) predicts its
+    failure: the AUROC (failures scoring higher) with its bootstrap interval, when the mode has both successes and
+    failures, and the mean of each group (relative_* keys for the relative energy)."""
     metrics: dict[str, float] = {}
-    for mode in modes:
-        failed = [e["energy"] for e in episodes if e["mode"] == mode and not e["success"]]
-        succeeded = [e["energy"] for e in episodes if e["mode"] == mode and e["success"]]
-        for name, group in (("failure", failed), ("success", succeeded)):
-            if group:
-                metrics[f"energy/{mode}/{name}"] = float(np.mean(group))
-        if failed and succeeded:
-            value, low, high = auroc_interval(failed, succeeded)
-            metrics[f"failure_auroc/{mode}"] = value
-            metrics[f"failure_auroc/{mode}/low"], metrics[f"failure_auroc/{mode}/high"] = low, high
+    for key, prefix in SCORES:
+        for mode in modes:
+            group = [e for e in episodes if e["mode"] == mode and key in e]
+            failed = [e[key] for e in group if not e["success"]]
+            succeeded = [e[key] for e in group if e["success"]]
+            for name, values in (("failure", failed), ("success", succeeded)):
+                if values:
+                    metrics[f"{prefix}energy/{mode}/{name}"] = float(np.mean(values))
+            if failed and succeeded:
+                value, low, high = auroc_interval(failed, succeeded)
+                name = f"{prefix}failure_auroc/{mode}"
+                metrics[name], metrics[f"{name}/low"], metrics[f"{name}/high"] = value, low, high
     return metrics
 
 
-def shift_metrics(reference: Sequence[float], shifted: dict[str, list[float]]) -> dict[str, float]:
+def shift_metrics(reference: Sequence[float], shifted: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
     """For each shift, the policy's mean chunk energy on shifted observations against the same observations
-    unshifted, and the AUROC of telling them apart by energy (shifted scoring higher) with its interval."""
+    unshifted, and the AUROC of telling them apart by energy (shifted scoring higher) with its interval; keys
+    start with `prefix` (relative_ for relative energies)."""
     metrics: dict[str, float] = {}
     if reference:
-        metrics["shift_energy/none"] = float(np.mean(reference))
+        metrics[f"{prefix}shift_energy/none"] = float(np.mean(reference))
     for shift, values in shifted.items():
         if not values:
             continue
         value, low, high = auroc_interval(values, reference)
-        metrics[f"shift_energy/{shift}"] = float(np.mean(values))
-        metrics[f"shift_auroc/{shift}"] = value
-        metrics[f"shift_auroc/{shift}/low"], metrics[f"shift_auroc/{shift}/high"] = low, high
+        metrics[f"{prefix}shift_energy/{shift}"] = float(np.mean(values))
+        name = f"{prefix}shift_auroc/{shift}"
+        metrics[name], metrics[f"{name}/low"], metrics[f"{name}/high"] = value, low, high
     return metrics
 
 
@@ -481,15 +511,22 @@ def _energy_lines(metrics: dict, modes: Sequence[str], shifts: Sequence[str]) ->
         return f"{metrics[key]:.2f} [{metrics[key + '/low']:.2f}, {metrics[key + '/high']:.2f}]" if key in metrics \
             else "- (no failures or no successes)"
 
-    lines = ["Failure signal: an episode's mean energy of its executed chunks (higher = predicted failure):", "",
-             "| mode | AUROC [95% bootstrap] | mean energy, failures | mean energy, successes |", "|---|---|---|---|"]
+    relative = any(k.startswith("relative_energy/") for k in metrics)
+    lines = ["Failure signal: an episode's mean energy of its executed chunks (higher = predicted failure)"
+             + (", and its mean relative energy (the energy minus its soft minimum over the policy's reference "
+                "training chunks in the same context)" if relative else "") + ":", "",
+             "| mode | AUROC [95% bootstrap] | mean energy, failures | mean energy, successes |"
+             + (" AUROC, relative energy |" if relative else ""), "|---|---|---|---|" + ("---|" if relative else "")]
     lines += [f"| {m} | {interval(f'failure_auroc/{m}')} | {value(f'energy/{m}/failure')} | "
-              f"{value(f'energy/{m}/success')} |" for m in modes]
+              f"{value(f'energy/{m}/success')} |" + (f" {interval(f'relative_failure_auroc/{m}')} |" if relative
+                                                      else "") for m in modes]
     if shifts and "shift_energy/none" in metrics:
         lines += ["", "The policy's chunk energies on observations it never saw, against the same observations "
                   f"unshifted (mean {metrics['shift_energy/none']:.3f}):", "",
-                  "| shift | mean energy | AUROC shifted vs unshifted [95% bootstrap] |", "|---|---|---|"]
-        lines += [f"| {s} | {value(f'shift_energy/{s}')} | {interval(f'shift_auroc/{s}')} |" for s in shifts]
+                  "| shift | mean energy | AUROC shifted vs unshifted [95% bootstrap] |"
+                  + (" AUROC, relative energy |" if relative else ""), "|---|---|---|" + ("---|" if relative else "")]
+        lines += [f"| {s} | {value(f'shift_energy/{s}')} | {interval(f'shift_auroc/{s}')} |"
+                  + (f" {interval(f'relative_shift_auroc/{s}')} |" if relative else "") for s in shifts]
     return lines
 
 
@@ -565,7 +602,7 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     demonstrations are refused before the policy loads; Meta-World runs without that check only with
     allow_unchecked_seeds. Every executed chunk's energy is kept: the report gives how well an episode's mean energy
     predicts its failure (AUROC per mode) and, for each of `shifts` (SHIFTS), how the policy's energies move on
-    shifted observations."""
+    shifted observations; the same for the relative energy when the policy saved training chunks."""
     from vla_energy.inference.policy import EnergyPolicy
     from vla_energy.modeling.serialization import resolve_policy_dir
 
@@ -590,7 +627,11 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     (out / "gifs").mkdir(parents=True, exist_ok=True)
     records, gifs, seconds = [], {}, {m: 0.0 for m in modes}
     shifted: dict[str, list[float]] = {s: [] for s in shifts}
+    shifted_relative: dict[str, list[float]] = {s: [] for s in shifts}
     reference: list[float] = []
+    reference_relative: list[float] = []
+    # Relative energies need the policy's training chunks as the reference (retrieval_chunks.safetensors).
+    relative = policy.reference_chunks is not None
     bar = tqdm(total=len(suite.tasks) * len(modes) * episodes, desc="rollouts", disable=not progress)
     for task in suite.tasks:
         env = suite.make(task, min(batch_size, episodes))
@@ -600,13 +641,18 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
                 batch = seeds[first:first + batch_size]
                 # The shifted observations are scored once, beside the policy's own chunks.
                 done = run_batch(env, policy, batch, mode, max_steps, record=first == 0, candidates=candidates,
-                                 shifts=shifts if mode == "policy" else ())
+                                 shifts=shifts if mode == "policy" else (), relative=relative)
                 records += [{"task": task, "mode": mode, "seed": s, "success": ok, "steps": n,
-                             "energy": float(np.mean(e)), "chunks": len(e), **env.episode_info(i)}
+                             "energy": float(np.mean(e)), "chunks": len(e),
+                             **({"relative_energy": float(np.mean(done.relative[i]))} if relative else {}),
+                             **env.episode_info(i)}
                             for i, (s, (ok, n), e) in enumerate(zip(batch, done.results, done.energies))]
                 for shift, values in done.shifted.items():
                     shifted[shift] += values
+                for shift, values in done.shifted_relative.items():
+                    shifted_relative[shift] += values
                 reference += done.reference
+                reference_relative += done.reference_relative
                 if done.frames:
                     name = f"gifs/{task}_{mode}.gif"
                     _write_gif(out / name, done.frames)
@@ -618,6 +664,8 @@ def rollout(run_dir: str | Path, out_dir: Optional[str | Path] = None, tasks: Op
     metrics: dict[str, Any] = success_metrics(records, modes, suite.tasks)
     metrics.update(failure_metrics(records, modes))
     metrics.update(shift_metrics(reference, shifted))
+    if relative:
+        metrics.update(shift_metrics(reference_relative, shifted_relative, prefix="relative_"))
     metrics.update({f"seconds/{m}": s for m, s in seconds.items()})
     metrics.update({**suite.metrics, "seed_check": seed_check, "seeds_checked": float(not seed_check.startswith("NOT"))})
     metrics["episodes_per_task"] = float(episodes)

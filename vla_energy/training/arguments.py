@@ -71,7 +71,8 @@ class ModelArguments:
     init_from: Optional[str] = field(
         default=None,
         metadata={"help": "A saved policy (run directory or its model/) to start from: its backbone, LoRA adapter and "
-                          "action head; the energy head starts fresh. With use_lora false the backbone stays frozen."},
+                          "action head (a fresh one when its kind differs from action_head); the energy head starts "
+                          "fresh. With use_lora false the backbone stays frozen."},
     )
 
     def __post_init__(self) -> None:

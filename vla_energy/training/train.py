@@ -282,11 +282,12 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, energy_arg
             backbone = apply_lora(backbone, lora_args)
     plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), data.action_dim, horizon, loaded.action_token_id,
                           state_dim=data.state_dim, state_token_id=state_token_id)
-    if source is not None:  # the saved action head; the energy head starts fresh
-        if source.plugin.args.action_head != energy_args.action_head:
-            raise ValueError(f"init_from {model_args.init_from}: its action head is "
-                             f"{source.plugin.args.action_head!r}, this run's --action_head is "
-                             f"{energy_args.action_head!r}: pass --action_head {source.plugin.args.action_head}")
+    if source is not None and source.plugin.args.action_head != energy_args.action_head:
+        # Another kind of head (an L1 policy's backbone under a flow head): the backbone is what carries over.
+        warnings.warn(f"init_from {model_args.init_from}: its action head is {source.plugin.args.action_head!r}, this "
+                      f"run's --action_head is {energy_args.action_head!r}: the backbone and adapter come from it, the "
+                      "action head starts fresh", stacklevel=2)
+    elif source is not None:  # the saved action head; the energy head starts fresh
         try:
             plugin.action_head.load_state_dict(source.plugin.action_head.state_dict())
         except RuntimeError as e:
