@@ -5,7 +5,13 @@ import torch
 
 from vla_energy import EnergyHead, EnergyHeadConfig
 from vla_energy.evaluation.intervals import bootstrap_interval
-from vla_energy.evaluation.metrics import EvalResult, metrics_by_negative_type, ranking_metrics
+from vla_energy.evaluation.metrics import (
+    EvalResult,
+    chunk_spread,
+    metrics_by_negative_type,
+    ranking_metrics,
+    summarize_ranking,
+)
 from vla_energy.evaluation.selection import (
     SELECTIONS,
     choose,
@@ -49,7 +55,7 @@ def test_training_and_cli_ranking_are_one_definition():
     head, result = _head(), _result()
     training = ranking_metrics(head, result, num_negatives=8, seed=0, false_negative_eps=1e-2)
     cli, energies = metrics_by_negative_type(head, result, num_negatives=8, seed=0, false_negative_eps=1e-2)
-    for key in ("top1_acc", "e_pos", "e_neg", "gap", "lookalikes", "argmin_rms", "action_l1"):
+    for key in ("top1_acc", "e_pos", "e_neg", "gap", "lookalikes", "argmin_rms", "action_l1", "policy_spread"):
         assert cli[key] == training[key], key
     assert {"acc/layer", "acc/noise0.1", "acc/shuffle", "acc/other_episodes"} <= set(cli)
     assert energies["positive"].shape == (40, 1) and energies["other_episodes"].shape == (40, 8)
@@ -57,6 +63,26 @@ def test_training_and_cli_ranking_are_one_definition():
     unmasked = _result()
     unmasked.action_mask = [torch.ones(H, dtype=torch.bool) for _ in unmasked.action_mask]
     assert ranking_metrics(head, unmasked, num_negatives=8)["e_pos"] != training["e_pos"]
+
+
+def test_policy_spread_says_whether_the_policy_depends_on_the_observation():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(30, H, DA, generator=g)
+    mask = torch.ones(30, H, dtype=torch.bool)
+    mask[:5, 2:] = False
+    cands = torch.cat([truth[:, None], truth.roll(1, dims=0)[:, None]], dim=1)
+    masks, energies = mask[:, None].expand(-1, 2, -1), torch.zeros(30, 2)
+
+    def spread(policy):
+        return summarize_ranking(energies, cands, masks, policy)["policy_spread"]
+
+    assert spread(truth) == pytest.approx(1.0)
+    assert spread(truth.mean(dim=0, keepdim=True).expand(30, -1, -1) + 1.0) == pytest.approx(0.0, abs=1e-6)
+    assert spread(0.5 * truth) == pytest.approx(0.5)
+    # Padded steps do not count: values there change nothing.
+    padded = truth.clone()
+    padded[:5, 2:] = 100.0
+    assert chunk_spread(padded, mask) == pytest.approx(float(chunk_spread(truth, mask)))
 
 
 def test_lookalikes_are_masked_in_the_ranking():
@@ -189,7 +215,7 @@ def test_recipe_and_cli_evaluation_paths_agree_on_a_real_model(tmp_path):
     recipe = tally.metrics()
     cli = ranking_metrics(plugin.energy_head, result, num_negatives=8, seed=0, false_negative_eps=1e-2)
     assert bool((torch.stack(result.action_mask) == 0).any())  # padded steps past an episode's end are present
-    for key in ("top1_acc", "e_pos", "e_neg", "gap", "lookalikes", "argmin_rms", "action_l1", "eval_samples"):
+    for key in ("top1_acc", "e_pos", "e_neg", "gap", "lookalikes", "argmin_rms", "action_l1", "policy_spread", "eval_samples"):
         assert recipe[key] == pytest.approx(cli[key], rel=1e-5, abs=1e-6), key
 
 

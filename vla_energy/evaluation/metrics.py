@@ -18,7 +18,7 @@ from vla_energy.modeling.energy_vla_model import EnergyVLAModel
 
 __all__ = [
     "fixed_negative_pool", "EvalResult", "collect_eval_outputs", "ranking_metrics",
-    "summarize_ranking", "metrics_by_negative_type",
+    "summarize_ranking", "metrics_by_negative_type", "chunk_spread", "MIN_POLICY_SPREAD",
 ]
 
 
@@ -107,7 +107,9 @@ def ranking_metrics(
     with its own action_mask. Pool chunks within `false_negative_eps` RMS of the truth (over its real steps) are
     look-alikes: masked, as in training. top1_acc: the truth has lower energy than every unmasked pool chunk;
     argmin_rms: RMS distance to the truth of the lowest-energy chunk (truth or unmasked pool); lookalikes: masked
-    pool chunks per sample; action_l1: the policy's L1 over real steps (losses.policy_l1.masked_l1).
+    pool chunks per sample; action_l1: the policy's L1 over real steps (losses.policy_l1.masked_l1); policy_spread:
+    how much the policy's chunks differ across samples against how much the demonstrated ones do (chunk_spread of
+    each; near 0: the policy gives every observation the same chunk).
     """
     n = len(result.actions)
     if n == 0:
@@ -157,8 +159,23 @@ def summarize_ranking(energies: Tensor, candidates: Tensor, candidate_mask: Tens
         "lookalikes": float((~keep).sum(dim=1).double().mean()),
         "argmin_rms": float(dist[torch.arange(n), choice].mean()),
         "action_l1": float(masked_l1(policy.float().cpu(), actions, masks)),
+        "policy_spread": float(chunk_spread(policy.float().cpu(), masks)
+                               / chunk_spread(actions, masks).clamp(min=1e-12)),
         "eval_samples": float(n),
     }
+
+
+# Below this policy_spread the policy's chunk barely depends on the observation (training warns).
+MIN_POLICY_SPREAD = 0.1
+
+
+def chunk_spread(chunks: Tensor, mask: Tensor) -> Tensor:
+    """How much chunks [N,H,Da] differ across samples: the RMS over steps and action dims of their standard deviation
+    over the N samples, on real steps (mask [N,H])."""
+    w = mask.float()[..., None]
+    count = w.sum(dim=0).clamp(min=1.0)
+    mean = (chunks * w).sum(dim=0) / count
+    return ((chunks - mean).square() * w).sum(dim=0).div(count).mean().sqrt()
 
 
 @torch.no_grad()

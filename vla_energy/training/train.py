@@ -39,6 +39,7 @@ from vla_energy.data.loading import image_columns
 from vla_energy.data.normalization import NormStats
 from vla_energy.data.pipeline import retrieval_rows, training_chunks
 from vla_energy.data.split import spread_indices
+from vla_energy.evaluation.metrics import MIN_POLICY_SPREAD
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.print(f"top-1 accuracy {final['top1_acc']:.3f} (chance {final['chance_acc']:.3f}); "
                           f"report: {run_dir / 'report.md'}" if tally is not None else
                           f"no evaluation; report: {run_dir / 'report.md'}")
+        if final.get("policy_spread", MIN_POLICY_SPREAD) < MIN_POLICY_SPREAD:
+            accelerator.print(f"warning: the policy gives nearly every held-out observation the same chunk "
+                              f"(policy_spread {final['policy_spread']:.3g}: the spread of its chunks across samples "
+                              "relative to the demonstrated ones'): the backbone has not learned to tell observations "
+                              "apart, and an energy head cannot rank chunks on its contexts either. Train longer, or "
+                              "start from a policy that sees the task (--init_from)")
     model = saved = accelerator.unwrap_model(model)
     finish(accelerator)
     return final
@@ -465,7 +472,7 @@ def log_step(accelerator: Accelerator, running: dict[str, float], window: int, o
 
 # The values a printed log line shows, in this order, when present.
 LOG_LINE_KEYS = ("loss", "l1", "energy_loss", "energy/acc", "energy/gap", "top1_acc", "chance_acc", "action_l1",
-                 "grad_norm", "lr")
+                 "policy_spread", "grad_norm", "lr")
 
 
 def log_line(step: int, max_steps: int, values: dict[str, float], prefix: str = "") -> str:
