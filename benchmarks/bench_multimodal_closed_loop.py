@@ -16,12 +16,15 @@ runs (skipping a training whose run directory already has a model/):
     vla-energy train --num_processes 2 --config demo --retrieval_contexts true --output_dir runs --run_name uni_l1 --report_to none
     python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('RUN', contexts=True)"
     vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,rerank,mean --candidates SOURCE --out_dir RUN/rollout_SOURCE
+    vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,refine --out_dir RUN/rollout_refine
 
-(the fourth when a run saved no training contexts, which candidates neighbors needs), for the L1 runs with SOURCE
-gaussian, retrieval and neighbors, for the flow runs with samples (best of N among its samples), and prints a
-markdown table: success [95% Wilson interval] per mode, the paired difference to the policy [95% bootstrap
-interval], and the failure AUROC of each mode's energies and relative energies; for neighbors and samples also
-rerank's control, a uniformly random pick among the same candidates; written also to
+(the fifth when a run saved no training contexts, which candidates neighbors needs), for the L1 runs with SOURCE
+gaussian, retrieval and neighbors and once with refine, for the flow runs with samples (best of N among its
+samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
+[95% bootstrap interval], and the failure AUROC of each mode's energies and relative energies; for neighbors and
+samples also rerank's control, a uniformly random pick among the same candidates. Under the table, per rollout:
+each mode's mean final distance to the nearest valid target, how many failures ended nearer the midpoint of their
+two valid squares than either square, and the energies on shifted observations. Written also to
 <out>/bench_multimodal_closed_loop.json.
 """
 
@@ -29,15 +32,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-MODES = ("policy", "rerank", "mean")
-SOURCES = {"l1": ("gaussian", "retrieval", "neighbors"), "flow": ("samples",), "flow_init": ("samples",),
-           "unimodal": ("gaussian", "retrieval", "neighbors")}
+MODES = ("policy", "rerank", "mean", "refine")
+# The modes a candidate source serves; "refine" below is no source: one rollout of refine, which takes none.
+CANDIDATE_MODES = ("policy", "rerank", "mean")
+SOURCES = {"l1": ("gaussian", "retrieval", "neighbors", "refine"), "flow": ("samples",), "flow_init": ("samples",),
+           "unimodal": ("gaussian", "retrieval", "neighbors", "refine")}
 MULTIMODAL = ["--synthetic_modes", "targets"]
 # flow_init: the flow head on the L1 run's backbone and adapter (init_from), which already see the task.
 TRAIN_FLAGS = {"l1": [*MULTIMODAL, "--retrieval_contexts", "true"], "flow": [*MULTIMODAL, "--action_head", "flow"],
@@ -71,6 +77,26 @@ def row(name: str, metrics: dict) -> str:
     cells += [f"{cell(metrics, f'failure_auroc/{m}')}; {cell(metrics, f'relative_failure_auroc/{m}')}"
               for m in MODES]
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def between_squares(failures: list[dict]) -> list[int]:
+    """[failures that ended nearer the midpoint of their two valid squares than either square, failures with two]."""
+    count, pairs = 0, [e for e in failures if len(e.get("goals", [])) == 2]
+    for e in pairs:
+        mid = [(e["goals"][0][i] + e["goals"][1][i]) / 2 for i in range(2)]
+        count += math.dist(e["agent"], mid) < min(math.dist(e["agent"], g) for g in e["goals"])
+    return [count, len(pairs)]
+
+
+def where_episodes_end(out: Path) -> dict:
+    """Per mode of a rollout: the mean final distance to the nearest valid target, and how many failures ended
+    between two valid squares (the averaged direction)."""
+    episodes = json.loads((out / "episodes.json").read_text())
+    modes = sorted({e["mode"] for e in episodes})
+    return {m: {"distance": sum(e["distance"] for e in episodes if e["mode"] == m)
+                / sum(e["mode"] == m for e in episodes),
+                "between": between_squares([e for e in episodes if e["mode"] == m and not e["success"]])}
+            for m in modes}
 
 
 def random_pick_rollout(run: Path, out: Path, episodes: int, source: str) -> dict:
@@ -137,12 +163,15 @@ def main() -> None:
             add_retrieval_chunks(run, contexts=True)
         for source in sources:
             out = run / f"rollout_{source}"
-            start = time.perf_counter()
-            if not (args.reuse_rollouts and (out / "metrics.json").exists()):
+            start, reused = time.perf_counter(), args.reuse_rollouts and (out / "metrics.json").exists()
+            if not reused:
+                modes = ("policy", "refine") if source == "refine" else CANDIDATE_MODES
                 vla_energy("rollout", str(run), "--episodes", str(args.episodes), "--batch_size", str(args.episodes),
-                           "--modes", ",".join(MODES), "--candidates", source, "--out_dir", str(out), "--disable_tqdm")
+                           "--modes", ",".join(modes), "--candidates", "gaussian" if source == "refine" else source,
+                           "--out_dir", str(out), "--disable_tqdm")
             metrics = json.loads((out / "metrics.json").read_text())
-            results[f"{kind}, {source}"] = {"metrics": metrics, "seconds": time.perf_counter() - start}
+            results[f"{kind}, {source}"] = {"metrics": metrics, "ends": where_episodes_end(out),
+                                            **({} if reused else {"seconds": time.perf_counter() - start})}
             lines.append(row(f"{kind}, {source} (`{run}`)", metrics))
             if source in RANDOM_CONTROL:
                 print(f"$ the same with a uniformly random pick among the candidates: {run}/rollout_{source}_random",
@@ -151,7 +180,7 @@ def main() -> None:
                 metrics = json.loads((random_out / "metrics.json").read_text()) if args.reuse_rollouts and (
                     random_out / "metrics.json").exists() else random_pick_rollout(run, random_out, args.episodes,
                                                                                   source)
-                results[f"{kind}, {source}, random pick"] = {"metrics": metrics}
+                results[f"{kind}, {source}, random pick"] = {"metrics": metrics, "ends": where_episodes_end(random_out)}
                 lines.append(row(f"{kind}, {source}, random pick in place of rerank", metrics))
     table = "\n".join(lines)
     print(table)
@@ -159,7 +188,12 @@ def main() -> None:
         m = r["metrics"]
         shifts = "; ".join(f"{s} AUROC {cell(m, f'shift_auroc/{s}')} (relative {cell(m, f'relative_shift_auroc/{s}')})"
                            for s in ("noisy_images", "other_instruction") if f"shift_auroc/{s}" in m)
-        print(f"{key}: rollout {r['seconds']:.0f} s; energies on shifted observations: {shifts or '-'}")
+        took = f"rollout {r['seconds']:.0f} s; " if "seconds" in r else ""
+        ends = "; ".join(f"{m} {e['distance']:.3f}" + (f", {e['between'][0]}/{e['between'][1]} failures between "
+                                                        "the squares" if e["between"][1] else "")
+                         for m, e in r["ends"].items())
+        print(f"{key}: {took}mean final distance to a valid target: {ends}; energies on shifted observations: "
+              f"{shifts or '-'}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_multimodal_closed_loop.json").write_text(json.dumps({"table": table, **results}, indent=1))
 
