@@ -169,6 +169,28 @@ def test_plugin_layer_predictions_samples_and_loss():
         _plugin().sample_actions(readout, 2)
 
 
+def test_sample_negatives_are_the_flow_heads_own_draws_masked_near_the_truth():
+    torch.manual_seed(0)
+    plugin = _plugin(action_head="flow", flow_steps=3, sample_negatives=3)
+    readout = BackboneReadout(torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool), torch.randn(3, 4, H, 8))
+    plugin.generator.manual_seed(7)
+    actions = torch.rand(4, H, DA) * 2 - 1
+    negs = plugin.sample_negatives(readout, actions, None)
+    assert negs.types == ["flow_sample"] * 3 and negs.actions.shape == (4, 3, H, DA) and bool(negs.mask.all())
+    torch.testing.assert_close(negs.actions, plugin.sample_actions(readout, 3, torch.Generator().manual_seed(7)))
+    near = negs.actions[:, 0].clone()  # a truth the first draw already matches: not pushed away
+    plugin.generator.manual_seed(7)
+    assert not bool(plugin.sample_negatives(readout, near, None).mask[:, 0].any())
+    _, layers = plugin.predict_actions(readout)
+    loss, stats = plugin.energy_loss(readout, actions, None, None, layers, SINGLE)
+    assert torch.isfinite(loss) and stats["num_negatives/flow_sample"] == 3
+    empty = BackboneReadout(readout.context, readout.context_mask, readout.context.new_zeros(0, 4, H, 8))
+    with pytest.raises(ValueError, match="sample_negatives needs the backbone's placeholder states"):
+        plugin.sample_negatives(empty, actions, None)
+    with pytest.raises(ValueError, match="sample_negatives=2 with action_head='l1'"):
+        EnergyArguments(sample_negatives=2)
+
+
 def test_l1_plugin_loss_is_the_l1_term():
     torch.manual_seed(0)
     plugin = _plugin()

@@ -59,6 +59,12 @@ class EnergyArguments:
         default=False, metadata={"help": "The policy's own chunk (detached) as a negative when farther than "
                                          "false_negative_eps from the truth (needs explicit negatives)."}
     )
+    sample_negatives: int = field(
+        default=0, metadata={"help": "action_head flow: this many of the flow head's own samples (detached) as "
+                                     "negatives, each masked within false_negative_eps of the truth, so that the head "
+                                     "learns where the demonstrations are denser than the sampler: what choosing "
+                                     "among its samples needs (0: none; needs explicit negatives)."}
+    )
     candidate_ranking: int = field(
         default=0, metadata={"help": "Candidates per positive for a listwise ranking loss (0: off): the policy's chunk, "
                                      "it plus other rows' errors and it plus noise at its error scale, whose energies "
@@ -130,6 +136,9 @@ class EnergyArguments:
                              f"{self.candidate_ranking_weight}: expected >= 0")
         if self.ranking_target_temperature <= 0:
             raise ValueError(f"ranking_target_temperature={self.ranking_target_temperature}, expected > 0")
+        if self.sample_negatives < 0 or (self.sample_negatives and self.action_head != "flow"):
+            raise ValueError(f"sample_negatives={self.sample_negatives} with action_head={self.action_head!r}: "
+                             "expected >= 0, and samples to draw them from (action_head flow)")
         if self.flow_steps < 1 or self.flow_loss_weight < 0:
             raise ValueError(f"flow_steps={self.flow_steps} and flow_loss_weight={self.flow_loss_weight}: expected "
                              ">= 1 Euler steps and a weight >= 0")

@@ -28,7 +28,7 @@ from vla_energy.checks import real_steps
 from vla_energy.losses.bank import ActionBank
 from vla_energy.losses.candidate_ranking import candidate_ranking_loss, ranking_candidates
 from vla_energy.losses.gradient_alignment import gradient_alignment_loss
-from vla_energy.losses.negatives import build_negatives
+from vla_energy.losses.negatives import Negatives, build_negatives, false_negative_mask
 from vla_energy.losses.perturbation import perturb
 from vla_energy.losses.policy_l1 import masked_l1, masked_mean
 from vla_energy.losses.policy_negatives import RunningPolicyError, concat_negatives, policy_negatives
@@ -247,6 +247,16 @@ class EnergyPlugin(nn.Module):
                              f"{self.args.action_head!r}, which is deterministic")
         return self.action_head.sample(readout.action_hidden[-1], num_samples, generator)
 
+    def sample_negatives(self, readout: BackboneReadout, actions: Tensor, action_mask: Optional[Tensor]) -> Negatives:
+        """args.sample_negatives chunks of the flow head (this call's generator), each masked within
+        false_negative_eps of the truth."""
+        if readout.action_hidden.shape[0] == 0:
+            raise ValueError("sample_negatives needs the backbone's placeholder states to sample from (a head "
+                             "trained on collected contexts alone has none)")
+        drawn = self.sample_actions(readout, self.args.sample_negatives, self.generator).to(actions.dtype)
+        keep = false_negative_mask(actions.detach(), drawn, action_mask, self.args.false_negative_eps)
+        return Negatives(drawn, ["flow_sample"] * drawn.shape[1], keep)
+
     # The loss -----------------------------------------------------------------------------------------------------
 
     def forward(self, outputs: Any, batch: Mapping[str, Tensor], group: Any,
@@ -344,6 +354,8 @@ class EnergyPlugin(nn.Module):
                 negatives = concat_negatives(negatives, policy_negatives(
                     actions, policy, scale, args.policy_error_negatives, args.policy_negative,
                     action_mask, args.false_negative_eps, self.generator))
+            if args.sample_negatives:
+                negatives = concat_negatives(negatives, self.sample_negatives(readout, actions, action_mask))
         staged = self.bank.num_staged() if self.bank is not None else 0
         try:
             loss, stats = strategy_loss(
