@@ -65,6 +65,10 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for head_dir in sorted((args.heads / "heads").iterdir()):
         variant, seed = head_dir.name.rsplit("_seed", 1)
+        measured = next((r for r in offline.get(variant, []) if r["seed"] == int(seed)), None)
+        if measured is None:
+            print(f"{head_dir.name}: not evaluated offline yet (bench_head_options.py), left out", flush=True)
+            continue
         policy_dir = args.heads / "policies" / head_dir.name
         if not (policy_dir / "policy_config.json").exists():
             write_policy_with_head(args.run_dir, head_dir, VARIANTS[variant], policy_dir)
@@ -74,7 +78,6 @@ def main() -> None:
         else:
             metrics = rollout(policy_dir, out, episodes=args.episodes, modes=["policy", "rerank"],
                               batch_size=args.episodes, progress=False, candidates=args.candidates, shifts=())
-        measured = next(r for r in offline[variant] if r["seed"] == int(seed))
         rows.setdefault(variant, []).append({
             "seed": int(seed), "prefers_policy_wrong": measured["calibration/prefers_policy/policy_wrong"],
             "prefers_policy_all": measured["calibration/prefers_policy/all"], "top1": measured["top1_acc"],
