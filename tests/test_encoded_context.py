@@ -244,6 +244,8 @@ def test_relative_energy_is_the_energy_minus_the_soft_minimum_over_the_reference
     e = head(x["context"], torch.cat([chunks[:, None], refs[None].expand(3, -1, -1, -1)], dim=1))
     soft_min = -0.3 * torch.log(torch.exp(-e[:, 1:] / 0.3).mean(dim=1))
     torch.testing.assert_close(got, e[:, 0] - soft_min)
+    # With the chunks' energies given, only the references are scored: the same result.
+    torch.testing.assert_close(relative_energy(head, x["context"], chunks, refs, tau=0.3, energy=e[:, 0]), got)
     # A context's energy level cancels.
     offsets = torch.tensor([0.0, 5.0, -2.0])
     torch.testing.assert_close(relative_energy(_Offset(head, offsets), x["context"], chunks, refs, tau=0.3), got)

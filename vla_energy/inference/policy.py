@@ -231,7 +231,7 @@ class EnergyPolicy:
                 raise ValueError(f"the policy {self.loaded.path} saved no training chunks to measure relative "
                                  "energies against (retrieval_chunks.safetensors): train with --retrieval_chunks > 0 "
                                  "or add them with add_retrieval_chunks(path)")
-            relative = relative_energy(head, ctx, chunk.to(policy.dtype), references, self.plugin.args.tau)
+            relative = relative_energy(head, ctx, chunk.to(policy.dtype), references, self.plugin.args.tau, energy)
         return chunk.float(), energy, relative
 
     def predict(

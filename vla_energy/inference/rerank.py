@@ -93,23 +93,27 @@ def energy_weighted_mean(candidates: Tensor, energies: Tensor, tau: float) -> Te
 
 @torch.no_grad()
 def relative_energy(head: nn.Module, context: Union[Tensor, EncodedContext], chunks: Tensor, references: Tensor,
-                    tau: float) -> Tensor:
+                    tau: float, energy: Optional[Tensor] = None) -> Tensor:
     """[B]: each chunk's energy [B,H,Da] minus the soft minimum, -tau * log mean exp(-E / tau), of the energies of
     the same reference chunks [R,H,Da] in its context.
 
     InfoNCE only compares chunks within one context, so it leaves each context's energy level free; the relative
     energy removes that level. It is tau times the chunk's negative log-probability under the head's distribution
-    over the references (up to log R): comparable across contexts, e.g. as a failure signal.
+    over the references (up to log R): comparable across contexts, e.g. as a failure signal. `energy` [B]: the
+    chunks' energies when already computed (only the references are scored then).
     """
     check_tensor("chunks", chunks, ("B", "H", "Da"), B=batch_size(context))
     check_tensor("references", references, ("R", "H", "Da"), H=chunks.shape[1], Da=chunks.shape[2])
     if tau <= 0:
         raise ValueError(f"tau={tau}, expected > 0")
-    b = chunks.shape[0]
-    both = torch.cat([chunks[:, None], references.to(chunks)[None].expand(b, -1, -1, -1)], dim=1)
-    e = head(context, both).float()  # [B, 1 + R]
-    soft_min = -tau * (torch.logsumexp(-e[:, 1:] / tau, dim=1) - math.log(references.shape[0]))
-    return e[:, 0] - soft_min
+    refs = references.to(chunks)[None].expand(chunks.shape[0], -1, -1, -1)
+    if energy is None:
+        e = head(context, torch.cat([chunks[:, None], refs], dim=1)).float()  # [B, 1 + R]
+        energy, e_refs = e[:, 0], e[:, 1:]
+    else:
+        e_refs = head(context, refs).float()
+    soft_min = -tau * (torch.logsumexp(-e_refs / tau, dim=1) - math.log(references.shape[0]))
+    return energy.float() - soft_min
 
 
 @dataclass
