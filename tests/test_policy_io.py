@@ -382,3 +382,18 @@ def test_add_retrieval_chunks_to_a_policy_saved_without_them(tmp_path, monkeypat
     assert json.loads((out / "policy_config.json").read_text())["retrieval_chunks"] == 7
     with pytest.raises(ValueError, match="count=0"):
         add_retrieval_chunks(out, count=0)
+
+
+def test_candidate_bounds_keep_a_constant_dimension_at_its_value():
+    stats = NormStats("q01_q99", [0.0, 0.0, 0.5], [1.0, 1.0, 0.0], [-1.0, -2.0, 0.5], [1.0, 2.0, 0.5],
+                      [-3.0, -5.0, 0.5], [3.0, 7.0, 0.5], 100)
+    assert stats.constant_dims().tolist() == [False, False, True]
+    low, high = candidate_bounds(stats)
+    assert low.tolist() == [-1.0, -1.0, 0.0] and high.tolist() == [1.0, 1.0, 0.0]
+    policy = torch.full((2, H, DA), 0.3)
+    cands = gaussian_candidates(policy, 9, sigma=0.5, generator=torch.Generator().manual_seed(0), low=low, high=high)
+    assert (cands[..., 2] == 0).all() and (cands[..., :2] != 0.3).any()
+    assert torch.allclose(torch.as_tensor(stats.unnormalize(cands))[..., 2], torch.tensor(0.5))
+    rare = NormStats("q01_q99", [0.0] * 3, [1.0] * 3, [-1.0, -1.0, 0.0], [1.0, 1.0, 0.0], [-2.0, -2.0, 0.0],
+                     [2.0, 2.0, 1.0], 100)  # a gripper closed in under 1% of the frames still moves
+    assert candidate_bounds(rare) == (-1.0, 1.0)

@@ -54,6 +54,10 @@ class NormStats:
         """Da."""
         return len(self.mean)
 
+    def constant_dims(self) -> np.ndarray:
+        """[Da] bool: dimensions that never vary in the training split (min == max), e.g. a gripper never used."""
+        return np.asarray(self.max, np.float64) - np.asarray(self.min, np.float64) <= _EPS
+
     def _center_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """x_norm = (x - center) / scale; a degenerate dimension (scale ~ 0) gets scale 1 instead of a division by 0."""
         if self.mode == "q01_q99":
