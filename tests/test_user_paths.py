@@ -186,17 +186,34 @@ def test_a_missing_policy_says_where_it_was_looked_for(tmp_path, monkeypatch):
     assert "Traceback" not in err
 
 
+def test_a_missing_backbone_fails_before_any_process_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _cli(["train", "--num_processes", "2", "--backbone", "./no_such_base", *TINY])
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last == "vla-energy train: error: backbone='./no_such_base': no such checkpoint directory"
+    (tmp_path / "empty").mkdir()
+    code, _, err = _cli(["train", "--backbone", str(tmp_path / "empty"), *TINY])
+    assert code == 2 and "is a directory without config.json" in err.strip().splitlines()[-1]
+    code, _, err = _cli(["train", "--backbone", "vla-energy-tests/not-a-model", *TINY])
+    assert code == 2 and "is not a local directory nor in the Hugging Face cache" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_failing_rank_ends_the_output_with_its_cause(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VLA_ENERGY_CACHE": str(tmp_path / "cache")}
+    # A checkpoint directory passes the checks before launch; its unknown model type fails in the loading rank.
+    (tmp_path / "broken_base").mkdir()
+    (tmp_path / "broken_base" / "config.json").write_text('{"model_type": "no_such_model_type"}')
     run = subprocess.run([sys.executable, "-m", "vla_energy.cli", "train", "--num_processes", "2",
-                          "--main_process_port", "29655", "--backbone", str(tmp_path / "no_such_base"), *TINY,
+                          "--main_process_port", "29655", "--backbone", str(tmp_path / "broken_base"), *TINY,
                           "--num_episodes", "8", "--output_dir", str(tmp_path / "runs")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode != 0
     # Rank 0 loads the base first; rank 1, waiting for it, then loses its peer: the last line names the cause.
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("vla-energy train: training failed: rank 0: FileNotFoundError: backbone="), last
-    assert str(tmp_path / "no_such_base") in last and last.endswith("(rank 1 stopped after it)")
+    assert last.startswith("vla-energy train: training failed: rank 0: ValueError: "), last
+    assert str(tmp_path / "broken_base") in last and last.endswith("(rank 1 stopped after it)")
 
 
 def test_accelerate_launch_with_a_bad_option_ends_with_it(tmp_path):

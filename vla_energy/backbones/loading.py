@@ -12,7 +12,7 @@ from torch import nn
 
 from vla_energy.backbones.action_token import add_action_token
 
-__all__ = ["LoadedBackbone", "load_backbone", "resolve_backbone", "resolve_dtype", "TINY_PREFIX", "DTYPES"]
+__all__ = ["LoadedBackbone", "load_backbone", "check_backbone_available", "resolve_backbone", "resolve_dtype", "TINY_PREFIX", "DTYPES"]
 
 TINY_PREFIX = "tiny-"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +68,19 @@ def _offline_hint(name: str) -> str | None:
             f"(`hf download {name}`), or unset HF_HUB_OFFLINE, or pass a local checkpoint directory")
 
 
+def check_backbone_available(name: str) -> None:
+    """Raise before any loading when `name` cannot load: a path (/, ./, ../, ~) that is no directory or a directory
+    without config.json (FileNotFoundError), or, offline, a name neither local nor in the Hugging Face cache (OSError)."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"backbone={name!r}: no such checkpoint directory")
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"backbone={name!r} is a directory without config.json: not a checkpoint saved by "
+                                "save_pretrained")
+    hint = _offline_hint(name)
+    if hint is not None:
+        raise OSError(hint)
+
+
 def load_backbone(
     name: str,
     trust_remote_code: bool = False,
@@ -79,8 +92,7 @@ def load_backbone(
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_backbone(name)
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(f"backbone={name!r}: no such checkpoint directory")
+    check_backbone_available(path)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from vla_energy.checks import UsageError
 
-__all__ = ["EVAL_STRATEGIES", "ConfigError", "checked_config", "check_run_dir", "clear_run_dir", "check_resume_options",
+__all__ = ["EVAL_STRATEGIES", "ConfigError", "checked_config", "check_backbone", "check_run_dir", "clear_run_dir", "check_resume_options",
            "check_evaluation", "check_trackers", "TRACKER_PACKAGES"]
 
 
@@ -30,6 +30,7 @@ def checked_config(argv: Optional[list[str]] = None) -> tuple:
 
     try:
         configs = parse_config(argv)
+        check_backbone(configs[0])
         check_dataset(configs[1])
         check_run_dir(configs[-1])
     except ConfigError:
@@ -37,6 +38,19 @@ def checked_config(argv: Optional[list[str]] = None) -> tuple:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     return configs
+
+
+def check_backbone(model: Any) -> None:
+    """The backbone can load: a tiny name, an existing checkpoint directory, or a hub name (offline: one in the
+    cache); else a ConfigError before any process starts."""
+    from vla_energy.backbones.loading import TINY_PREFIX, check_backbone_available
+
+    if model.backbone.startswith(TINY_PREFIX):
+        return  # built on first use
+    try:
+        check_backbone_available(model.backbone)
+    except OSError as e:  # FileNotFoundError included
+        raise ConfigError(str(e)) from e
 
 
 def run_dir_of(train: Any) -> Path:
