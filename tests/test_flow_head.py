@@ -191,6 +191,31 @@ def test_sample_negatives_are_the_flow_heads_own_draws_masked_near_the_truth():
         EnergyArguments(sample_negatives=2)
 
 
+def test_ranking_samples_are_best_of_n_candidates_ranked_by_the_loss():
+    torch.manual_seed(0)
+    plugin = _plugin(action_head="flow", flow_steps=3, candidate_ranking=4, ranking_candidates="samples")
+    readout = BackboneReadout(torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.bool), torch.randn(3, 4, H, 8))
+    policy, layers = plugin.predict_actions(readout)
+    plugin.generator.manual_seed(7)
+    cands = plugin.ranking_samples(readout, policy, 4)
+    assert cands.shape == (4, 4, H, DA) and not cands.requires_grad
+    torch.testing.assert_close(cands[:, 0], policy.clamp(-1, 1))
+    drawn = plugin.sample_actions(readout, 3, torch.Generator().manual_seed(7)).clamp(-1, 1)
+    torch.testing.assert_close(cands[:, 1:], drawn)
+    actions = torch.rand(4, H, DA) * 2 - 1
+    loss, stats = plugin.energy_loss(readout, actions, None, None, layers, SINGLE)
+    assert torch.isfinite(loss) and stats["ranking_loss"] > 0 and 0 <= stats["ranking_top1"] <= 1
+    loss.backward()
+    assert all(p.grad is not None for p in plugin.energy_head.parameters() if p.requires_grad)
+    empty = BackboneReadout(readout.context, readout.context_mask, readout.context.new_zeros(0, 4, H, 8))
+    with pytest.raises(ValueError, match="ranking_candidates='samples' needs the backbone's placeholder states"):
+        plugin.ranking_samples(empty, policy, 4)
+    with pytest.raises(ValueError, match="ranking_candidates='samples' with action_head='l1'"):
+        EnergyArguments(candidate_ranking=4, ranking_candidates="samples")
+    with pytest.raises(ValueError, match="ranking_candidates='nearest', expected one of"):
+        EnergyArguments(ranking_candidates="nearest")
+
+
 def test_l1_plugin_loss_is_the_l1_term():
     torch.manual_seed(0)
     plugin = _plugin()

@@ -15,7 +15,10 @@ from vla_energy.modeling.action_head import ActionHeadConfig
 from vla_energy.modeling.configuration_energy_head import ENERGY_ACTIVATIONS, EnergyHeadConfig
 from vla_energy.modeling.flow_action_head import TIME_SAMPLINGS, FlowActionHeadConfig
 
-__all__ = ["EnergyArguments", "ACTION_HEADS"]
+__all__ = ["EnergyArguments", "ACTION_HEADS", "RANKING_CANDIDATES"]
+
+# What candidate_ranking ranks: chunks around the policy's (its errors and noise), or the flow head's own samples.
+RANKING_CANDIDATES = ("policy", "samples")
 
 # l1: a deterministic regression head (OpenVLA-OFT); flow: a stochastic head trained by flow matching (pi0, SmolVLA).
 ACTION_HEADS = ("l1", "flow")
@@ -69,6 +72,12 @@ class EnergyArguments:
         default=0, metadata={"help": "Candidates per positive for a listwise ranking loss (0: off): the policy's chunk, "
                                      "it plus other rows' errors and it plus noise at its error scale, whose energies "
                                      "are trained to follow their distance to the truth (docs/selection.md)."}
+    )
+    ranking_candidates: str = field(
+        default="policy", metadata={"help": "What candidate_ranking ranks: policy (the chunks above) or samples "
+                                            "(action_head flow: the policy's chunk and the flow head's own samples, "
+                                            "the candidates of best-of-N, so that the head learns to pick among them "
+                                            "the one nearest the demonstration)."}
     )
     candidate_ranking_weight: float = field(default=1.0, metadata={"help": "Weight of the candidate ranking loss."})
     ranking_target_temperature: float = field(
@@ -139,12 +148,16 @@ class EnergyArguments:
         if self.sample_negatives < 0 or (self.sample_negatives and self.action_head != "flow"):
             raise ValueError(f"sample_negatives={self.sample_negatives} with action_head={self.action_head!r}: "
                              "expected >= 0, and samples to draw them from (action_head flow)")
+        if self.ranking_candidates == "samples" and self.action_head != "flow":
+            raise ValueError(f"ranking_candidates='samples' with action_head={self.action_head!r}: expected samples "
+                             "to rank (action_head flow)")
         if self.flow_steps < 1 or self.flow_loss_weight < 0:
             raise ValueError(f"flow_steps={self.flow_steps} and flow_loss_weight={self.flow_loss_weight}: expected "
                              ">= 1 Euler steps and a weight >= 0")
         for name, allowed in (("strategy", STRATEGIES), ("temperature", TEMPERATURE_KINDS),
                               ("layer_negatives", LAYER_MODES), ("energy_activation", ENERGY_ACTIVATIONS),
-                              ("action_head", ACTION_HEADS), ("flow_time_sampling", TIME_SAMPLINGS)):
+                              ("action_head", ACTION_HEADS), ("flow_time_sampling", TIME_SAMPLINGS),
+                              ("ranking_candidates", RANKING_CANDIDATES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}, expected one of {allowed}")
 

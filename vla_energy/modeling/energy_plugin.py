@@ -257,6 +257,15 @@ class EnergyPlugin(nn.Module):
         keep = false_negative_mask(actions.detach(), drawn, action_mask, self.args.false_negative_eps)
         return Negatives(drawn, ["flow_sample"] * drawn.shape[1], keep)
 
+    def ranking_samples(self, readout: BackboneReadout, policy: Tensor, num_candidates: int) -> Tensor:
+        """[B,K,H,Da]: best-of-N's candidates for candidate_ranking: the policy's chunk and K-1 flow samples (this
+        call's generator), within [-1, 1], detached."""
+        if readout.action_hidden.shape[0] == 0:
+            raise ValueError("ranking_candidates='samples' needs the backbone's placeholder states to sample from (a "
+                             "head trained on collected contexts alone has none)")
+        drawn = self.sample_actions(readout, num_candidates - 1, self.generator).to(policy.dtype)
+        return torch.cat([policy.detach()[:, None], drawn], dim=1).clamp(-1.0, 1.0)
+
     # The loss -----------------------------------------------------------------------------------------------------
 
     def forward(self, outputs: Any, batch: Mapping[str, Tensor], group: Any,
@@ -368,7 +377,9 @@ class EnergyPlugin(nn.Module):
             if self.is_evaluating and self.bank is not None:
                 self.bank.discard(keep=staged)  # the bank only holds training data
         if args.candidate_ranking and ctx.shape[0] > 0:
-            cands = ranking_candidates(actions, policy, scale, args.candidate_ranking, action_mask, self.generator)
+            cands = (self.ranking_samples(readout, policy.to(actions.dtype), args.candidate_ranking)
+                     if args.ranking_candidates == "samples" else
+                     ranking_candidates(actions, policy, scale, args.candidate_ranking, action_mask, self.generator))
             rank_loss, rank_stats = candidate_ranking_loss(
                 head, ctx, cands, actions, args.tau, context_mask=cmask, action_mask=action_mask,
                 target_temperature=args.ranking_target_temperature)
