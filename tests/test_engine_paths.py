@@ -112,6 +112,10 @@ def test_save_model_writes_a_policy_with_tied_embeddings(tmp_path):
     trainer.save_model(str(tmp_path / "policy"))
     policy = EnergyPolicy.from_pretrained(tmp_path / "policy")
     assert policy.loaded.norm_stats == stats
+    # The collator's image column is recorded as the camera, as `vla-energy train` records it.
+    info = json.loads((tmp_path / "policy" / "policy_config.json").read_text())
+    assert info["inputs"] == {"processor_kwargs": None, "cameras": ["image"], "camera_layout": "separate"}
+    assert policy.cameras == ["image"]
     chunk = policy.predict([train_ds[0]["image"]], [train_ds[0]["instruction"]])
     assert chunk.shape == (1, H, 3)
 

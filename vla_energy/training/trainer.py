@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
+from vla_energy.data.collator import VLACollator
 from vla_energy.evaluation.ranking import RankingCollator, RankingDataset, RankingTally
 from vla_energy.modeling.energy_plugin import EnergyPlugin
 from vla_energy.modeling.energy_vla_model import EnergyVLAModel
@@ -255,6 +256,15 @@ class EnergyLossMixin:
         collator = getattr(self.data_collator, "collator", self.data_collator)
         return getattr(collator, "processor", None)
 
+    def _inputs(self) -> Optional[dict[str, Any]]:
+        """The model inputs' layout the VLACollator builds (its image columns as the cameras, each image given to the
+        processor separately), for EnergyPolicy to lay out observations the same way; None for another collator."""
+        collator = getattr(self.data_collator, "collator", self.data_collator)
+        if not isinstance(collator, VLACollator):
+            return None
+        return {"processor_kwargs": collator.processor_kwargs or None, "cameras": list(collator.image_keys),
+                "camera_layout": "separate"}
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """In a checkpoint: what training changes (LoRA, heads, buffers), not the frozen backbone, which a resumed
         run rebuilds from its base. Outside one: a policy directory with the processor and the Trainer's args; with
@@ -272,7 +282,8 @@ class EnergyLossMixin:
             # clone: tied aliases (a trained embedding and its LM head) share storage, which safetensors refuses
             return super()._save(output_dir, {k: v.detach().clone() for k, v in state_dict.items() if k in keep})
         if self.args.should_save:
-            net.save_pretrained(output_dir, processor=self._processor(), norm_stats=self.norm_stats)
+            net.save_pretrained(output_dir, processor=self._processor(), norm_stats=self.norm_stats,
+                                inputs=self._inputs())
             torch.save(self.args, Path(output_dir) / "training_args.bin")
         return None
 
