@@ -1,13 +1,15 @@
 """Closed loop on the synthetic task with several valid modes (two valid squares, the expert choosing either) and,
 as the control, with one: can the energy head pick a mode where the L1 policy averages them, and does it cost
 anything where there is one way to act? An L1 run and a flow-head run of the demo config on the multimodal task
-(the flow head also on the L1 run's backbone, with and without its samples as energy negatives) and an L1 run on
+(the flow head also on the L1 run's backbone: plain, with its samples as energy negatives, and with the energy head
+trained to rank its samples) and an L1 run on
 the one-target task, rolled out on the same unseen episodes with each candidate source, with the failure signal of
 each mode.
 
     python benchmarks/bench_multimodal_closed_loop.py [--episodes 100 --out runs]
     python benchmarks/bench_multimodal_closed_loop.py --l1_run runs/mm_l1 --flow_run runs/mm_flow \
-        --flow_init_run runs/mm_flow_init --flow_init_sn_run runs/mm_flow_init_sn --unimodal_run runs/uni_l1
+        --flow_init_run runs/mm_flow_init --flow_init_sn_run runs/mm_flow_init_sn \
+        --flow_init_rank_run runs/mm_flow_init_rank --unimodal_run runs/uni_l1
 
 runs (skipping a training whose run directory already has a model/):
 
@@ -15,14 +17,15 @@ runs (skipping a training whose run directory already has a model/):
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --output_dir runs --run_name mm_flow --report_to none
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --output_dir runs --run_name mm_flow_init --report_to none
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --sample_negatives 8 --output_dir runs --run_name mm_flow_init_sn --report_to none
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --candidate_ranking 16 --ranking_candidates samples --output_dir runs --run_name mm_flow_init_rank --report_to none
     vla-energy train --num_processes 2 --config demo --retrieval_contexts true --output_dir runs --run_name uni_l1 --report_to none
     python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('RUN', contexts=True)"
     vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,rerank,mean --candidates SOURCE --out_dir RUN/rollout_SOURCE
     vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,refine --out_dir RUN/rollout_refine
 
-(the sixth when a run saved no training contexts, which candidates neighbors needs), for the L1 runs with SOURCE
-gaussian, retrieval and neighbors and once with refine, for the flow runs with samples (best of N among its
-samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
+(add_retrieval_chunks when a run saved no training contexts, which candidates neighbors needs), for the L1 runs
+with SOURCE gaussian, retrieval and neighbors and once with refine, for the flow runs with samples (best of N among
+its samples), and prints a markdown table: success [95% Wilson interval] per mode, the paired difference to the policy
 [95% bootstrap interval], and the failure AUROC of each mode's energies and relative energies; for neighbors and
 samples also rerank's control, a uniformly random pick among the same candidates. Under the table, per rollout:
 each mode's mean final distance to the nearest valid target, how many failures ended nearer the midpoint of their
@@ -45,13 +48,15 @@ MODES = ("policy", "rerank", "mean", "refine")
 # The modes a candidate source serves; "refine" below is no source: one rollout of refine, which takes none.
 CANDIDATE_MODES = ("policy", "rerank", "mean")
 SOURCES = {"l1": ("gaussian", "retrieval", "neighbors", "refine"), "flow": ("samples",), "flow_init": ("samples",),
-           "flow_init_sn": ("samples",), "unimodal": ("gaussian", "retrieval", "neighbors", "refine")}
+           "flow_init_sn": ("samples",), "flow_init_rank": ("samples",), "unimodal": ("gaussian", "retrieval", "neighbors", "refine")}
 MULTIMODAL = ["--synthetic_modes", "targets"]
 # flow_init: the flow head on the L1 run's backbone and adapter (init_from), which already see the task.
 TRAIN_FLAGS = {"l1": [*MULTIMODAL, "--retrieval_contexts", "true"], "flow": [*MULTIMODAL, "--action_head", "flow"],
                "flow_init": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{l1_run}"],
                "flow_init_sn": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{l1_run}", "--sample_negatives",
                                 "8"],
+               "flow_init_rank": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{l1_run}", "--candidate_ranking",
+                                  "16", "--ranking_candidates", "samples"],
                "unimodal": ["--retrieval_contexts", "true"]}
 # Sources whose rerank is also run with a random pick: what the energy adds to the candidates themselves.
 RANDOM_CONTROL = ("neighbors", "samples")
@@ -146,6 +151,9 @@ def main() -> None:
                         help="the same with --action_head flow --init_from <the L1 run>")
     parser.add_argument("--flow_init_sn_run", type=Path, default=None,
                         help="the same with --sample_negatives 8 (the flow head's samples as energy negatives)")
+    parser.add_argument("--flow_init_rank_run", type=Path, default=None,
+                        help="the same with --candidate_ranking 16 --ranking_candidates samples (the energy head "
+                             "trained to rank the flow head's samples by their distance to the demonstration)")
     parser.add_argument("--unimodal_run", type=Path, default=None, help="a demo run on the one-target task")
     parser.add_argument("--reuse_rollouts", action="store_true",
                         help="read a rollout whose RUN/rollout_SOURCE/metrics.json exists instead of running it again")
@@ -154,9 +162,10 @@ def main() -> None:
              + " | ".join(f"failure AUROC {m}: energy; relative" for m in MODES) + " |",
              "|---|" + "---|" * (2 * len(MODES))]
     runs = {"l1": args.l1_run, "flow": args.flow_run, "flow_init": args.flow_init_run,
-            "flow_init_sn": args.flow_init_sn_run, "unimodal": args.unimodal_run}
+            "flow_init_sn": args.flow_init_sn_run, "flow_init_rank": args.flow_init_rank_run,
+            "unimodal": args.unimodal_run}
     defaults = {"l1": "mm_l1", "flow": "mm_flow", "flow_init": "mm_flow_init", "flow_init_sn": "mm_flow_init_sn",
-                "unimodal": "uni_l1"}
+                "flow_init_rank": "mm_flow_init_rank", "unimodal": "uni_l1"}
     results = {}
     for kind, sources in SOURCES.items():
         run = runs[kind] or args.out / defaults[kind]
