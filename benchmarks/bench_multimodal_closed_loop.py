@@ -2,14 +2,15 @@
 as the control, with one: can the energy head pick a mode where the L1 policy averages them, and does it cost
 anything where there is one way to act? An L1 run and a flow-head run of the demo config on the multimodal task
 (the flow head also on the L1 run's backbone: plain, with its samples as energy negatives, and with the energy head
-trained to rank its samples) and an L1 run on
+trained to rank its samples; then each of the plain and the ranking runs trained 1800 steps more) and an L1 run on
 the one-target task, rolled out on the same unseen episodes with each candidate source, with the failure signal of
 each mode.
 
     python benchmarks/bench_multimodal_closed_loop.py [--episodes 100 --out runs]
     python benchmarks/bench_multimodal_closed_loop.py --l1_run runs/mm_l1 --flow_run runs/mm_flow \
         --flow_init_run runs/mm_flow_init --flow_init_sn_run runs/mm_flow_init_sn \
-        --flow_init_rank_run runs/mm_flow_init_rank --unimodal_run runs/uni_l1
+        --flow_init_rank_run runs/mm_flow_init_rank --flow_init_long_run runs/mm_flow_init_long \
+        --flow_init_rank2_run runs/mm_flow_init_rank2 --unimodal_run runs/uni_l1
 
 runs (skipping a training whose run directory already has a model/):
 
@@ -18,6 +19,8 @@ runs (skipping a training whose run directory already has a model/):
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --output_dir runs --run_name mm_flow_init --report_to none
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --sample_negatives 8 --output_dir runs --run_name mm_flow_init_sn --report_to none
     vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_l1 --candidate_ranking 16 --ranking_candidates samples --output_dir runs --run_name mm_flow_init_rank --report_to none
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_flow_init --max_steps 1800 --output_dir runs --run_name mm_flow_init_long --report_to none
+    vla-energy train --num_processes 2 --config demo --synthetic_modes targets --action_head flow --init_from runs/mm_flow_init_rank --candidate_ranking 16 --ranking_candidates samples --max_steps 1800 --output_dir runs --run_name mm_flow_init_rank2 --report_to none
     vla-energy train --num_processes 2 --config demo --retrieval_contexts true --output_dir runs --run_name uni_l1 --report_to none
     python -c "from vla_energy.training.retrieval_chunks import add_retrieval_chunks as a; a('RUN', contexts=True)"
     vla-energy rollout RUN --episodes 100 --batch_size 100 --modes policy,rerank,mean --candidates SOURCE --out_dir RUN/rollout_SOURCE
@@ -48,7 +51,8 @@ MODES = ("policy", "rerank", "mean", "refine")
 # The modes a candidate source serves; "refine" below is no source: one rollout of refine, which takes none.
 CANDIDATE_MODES = ("policy", "rerank", "mean")
 SOURCES = {"l1": ("gaussian", "retrieval", "neighbors", "refine"), "flow": ("samples",), "flow_init": ("samples",),
-           "flow_init_sn": ("samples",), "flow_init_rank": ("samples",), "unimodal": ("gaussian", "retrieval", "neighbors", "refine")}
+           "flow_init_sn": ("samples",), "flow_init_rank": ("samples",),
+           "flow_init_long": ("samples",), "flow_init_rank2": ("samples",), "unimodal": ("gaussian", "retrieval", "neighbors", "refine")}
 MULTIMODAL = ["--synthetic_modes", "targets"]
 # flow_init: the flow head on the L1 run's backbone and adapter (init_from), which already see the task.
 TRAIN_FLAGS = {"l1": [*MULTIMODAL, "--retrieval_contexts", "true"], "flow": [*MULTIMODAL, "--action_head", "flow"],
@@ -57,6 +61,12 @@ TRAIN_FLAGS = {"l1": [*MULTIMODAL, "--retrieval_contexts", "true"], "flow": [*MU
                                 "8"],
                "flow_init_rank": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{l1_run}", "--candidate_ranking",
                                   "16", "--ranking_candidates", "samples"],
+               # 1800 more steps of the flow policy, with a fresh energy head: plain, and ranking the samples.
+               "flow_init_long": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{flow_init}", "--max_steps",
+                                  "1800"],
+               "flow_init_rank2": [*MULTIMODAL, "--action_head", "flow", "--init_from", "{flow_init_rank}",
+                                   "--candidate_ranking", "16", "--ranking_candidates", "samples", "--max_steps",
+                                   "1800"],
                "unimodal": ["--retrieval_contexts", "true"]}
 # Sources whose rerank is also run with a random pick: what the energy adds to the candidates themselves.
 RANDOM_CONTROL = ("neighbors", "samples")
@@ -154,6 +164,11 @@ def main() -> None:
     parser.add_argument("--flow_init_rank_run", type=Path, default=None,
                         help="the same with --candidate_ranking 16 --ranking_candidates samples (the energy head "
                              "trained to rank the flow head's samples by their distance to the demonstration)")
+    parser.add_argument("--flow_init_long_run", type=Path, default=None,
+                        help="--init_from <the flow_init run> --max_steps 1800: the flow policy trained longer, with a "
+                             "fresh energy head")
+    parser.add_argument("--flow_init_rank2_run", type=Path, default=None,
+                        help="the same from <the flow_init_rank run>, with the energy head ranking the samples")
     parser.add_argument("--unimodal_run", type=Path, default=None, help="a demo run on the one-target task")
     parser.add_argument("--reuse_rollouts", action="store_true",
                         help="read a rollout whose RUN/rollout_SOURCE/metrics.json exists instead of running it again")
@@ -163,14 +178,17 @@ def main() -> None:
              "|---|" + "---|" * (2 * len(MODES))]
     runs = {"l1": args.l1_run, "flow": args.flow_run, "flow_init": args.flow_init_run,
             "flow_init_sn": args.flow_init_sn_run, "flow_init_rank": args.flow_init_rank_run,
+            "flow_init_long": args.flow_init_long_run, "flow_init_rank2": args.flow_init_rank2_run,
             "unimodal": args.unimodal_run}
     defaults = {"l1": "mm_l1", "flow": "mm_flow", "flow_init": "mm_flow_init", "flow_init_sn": "mm_flow_init_sn",
-                "flow_init_rank": "mm_flow_init_rank", "unimodal": "uni_l1"}
+                "flow_init_rank": "mm_flow_init_rank", "flow_init_long": "mm_flow_init_long",
+                "flow_init_rank2": "mm_flow_init_rank2", "unimodal": "uni_l1"}
     results = {}
     for kind, sources in SOURCES.items():
         run = runs[kind] or args.out / defaults[kind]
         if not (run / "model").is_dir():
-            flags = [f.format(l1_run=runs["l1"] or args.out / defaults["l1"]) for f in TRAIN_FLAGS[kind]]
+            paths = {k: runs[k] or args.out / defaults[k] for k in runs}
+            flags = [f.format(l1_run=paths["l1"], **paths) for f in TRAIN_FLAGS[kind]]
             vla_energy("train", "--num_processes", "2", "--config", "demo", *flags, "--output_dir",
                        str(run.parent), "--run_name", run.name, "--report_to", "none", "--disable_tqdm")
         if "neighbors" in sources and not has_contexts(run):
