@@ -68,7 +68,7 @@ def _offline_hint(name: str) -> str | None:
             f"(`hf download {name}`), or unset HF_HUB_OFFLINE, or pass a local checkpoint directory")
 
 
-def check_backbone_available(name: str) -> None:
+def check_backbone_available(name: str, hub: bool = True) -> None:
     """Raise before any loading when `name` cannot load: a path (/, ./, ../, ~) that is no directory or a directory
     without config.json (FileNotFoundError), or, offline, a name neither local nor in the Hugging Face cache (OSError)."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
@@ -76,7 +76,7 @@ def check_backbone_available(name: str) -> None:
     if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"backbone={name!r} is a directory without config.json: not a checkpoint saved by "
                                 "save_pretrained")
-    hint = _offline_hint(name)
+    hint = _offline_hint(name) if hub else None
     if hint is not None:
         raise OSError(hint)
 
@@ -92,7 +92,7 @@ def load_backbone(
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_backbone(name)
-    check_backbone_available(path)
+    check_backbone_available(path, hub=False)  # a hub name's offline problem is explained where loading fails
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
