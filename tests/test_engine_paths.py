@@ -3,6 +3,7 @@ the accelerator's device, evaluation without even_batches' duplicates, saving wi
 restoring the plugin's loss state, the plugin state written inside the checkpoint, parts that must learn."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -188,3 +189,19 @@ def test_a_trainer_on_several_gpus_in_one_process_says_how_to_launch(tmp_path, m
     with pytest.raises(ValueError, match="accelerate launch.*torchrun"):
         EnergyTrainer(model=EnergyVLAModel(loaded.model, _plugin(loaded)), args=args, train_dataset=train_ds,
                       data_collator=VLACollator(loaded.processor, horizon=H, action_token=loaded.action_token))
+
+
+def test_the_trainer_hands_the_datas_bounds_to_bound_negatives(tmp_path):
+    train_ds, _, stats = _data(tmp_path)
+    loaded = load_backbone("tiny-llava")
+    collator = VLACollator(loaded.processor, horizon=H, action_token=loaded.action_token)
+    with pytest.raises(ValueError, match="bound_negatives needs the data's bounds: pass norm_stats"):
+        EnergyTrainer(model=EnergyVLAModel(loaded.model, _plugin(loaded, bound_negatives=True)),
+                      args=_args(tmp_path, max_steps=1), train_dataset=train_ds, data_collator=collator)
+    trainer = EnergyTrainer(model=EnergyVLAModel(loaded.model, _plugin(loaded, bound_negatives=True)),
+                            args=_args(tmp_path, max_steps=1), train_dataset=train_ds, data_collator=collator,
+                            norm_stats=stats)
+    for got, want in zip(trainer.energy_plugin.action_bounds, stats.normalized_bounds()):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])

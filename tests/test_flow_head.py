@@ -241,11 +241,12 @@ def test_recipe_trains_a_flow_policy_that_predicts_with_samples(tmp_path):
     train_main(["--backbone", "tiny-llava", "--dataset", "synthetic", "--num_episodes", "12", "--horizon", "4",
                 "--per_device_train_batch_size", "4", "--max_steps", "2", "--eval_strategy", "no", "--lora_r", "4",
                 "--energy_hidden_dim", "16", "--action_head_dim", "16", "--report_to", "none", "--disable_tqdm",
-                "--action_head", "flow", "--flow_steps", "4", "--retrieval_chunks", "0",
+                "--action_head", "flow", "--flow_steps", "4", "--retrieval_chunks", "0", "--bound_negatives", "true",
                 "--output_dir", str(tmp_path), "--run_name", "run", "--cache_dir", str(tmp_path / "cache")])
     model = tmp_path / "run" / "model"
     info = json.loads((model / "policy_config.json").read_text())
     assert info["plugin"]["args"]["action_head"] == "flow" and info["plugin"]["args"]["flow_steps"] == 4
+    assert info["plugin"]["args"]["bound_negatives"]  # the recipe handed the data's bounds to the plugin
     weights = load_file(str(model / "plugin.safetensors"))
     assert any(k.startswith("action_head.x_in.") for k in weights)
     assert all(torch.isfinite(v).all() for v in weights.values())

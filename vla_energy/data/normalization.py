@@ -58,6 +58,21 @@ class NormStats:
         """[Da] bool: dimensions that never vary in the training split (min == max), e.g. a gripper never used."""
         return np.asarray(self.max, np.float64) - np.asarray(self.min, np.float64) <= _EPS
 
+    def normalized_bounds(self) -> tuple[Union[float, Tensor], Union[float, Tensor]]:
+        """Where normalized chunks of this data lie: [-1, 1] for q01_q99 (normalization clips there) except that a
+        dimension constant in the data stays at its value (then [Da] tensors); the data's range for mean_std and none."""
+        if self.mode == "q01_q99":
+            constant = torch.as_tensor(self.constant_dims())
+            if not constant.any():
+                return -1.0, 1.0
+            # A chunk moving a dimension the data never moves (noise on an unused gripper, a padded dimension) is off
+            # the data for a trivial reason, which an energy head reads as a negative whatever the rest does.
+            value = torch.as_tensor(self.normalize(np.asarray(self.min, np.float32)))
+            return torch.where(constant, value, -1.0), torch.where(constant, value, 1.0)
+        low = torch.as_tensor(self.normalize(np.asarray(self.min, np.float32)))
+        high = torch.as_tensor(self.normalize(np.asarray(self.max, np.float32)))
+        return low, high
+
     def _center_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """x_norm = (x - center) / scale; a degenerate dimension (scale ~ 0) gets scale 1 instead of a division by 0."""
         if self.mode == "q01_q99":

@@ -38,22 +38,8 @@ REFERENCE_CHUNKS = 64
 
 
 def candidate_bounds(norm_stats: Any) -> tuple[Bound, Bound]:
-    """Bounds of candidate chunks in normalized units: [-1, 1] for q01_q99 (normalization clips there), except that
-    a dimension constant in the data stays at its value; the data's per-dimension range (normalized) for mean_std
-    and none; no bound without statistics."""
-    if norm_stats is None:
-        return None, None
-    if norm_stats.mode == "q01_q99":
-        constant = torch.as_tensor(norm_stats.constant_dims())
-        if not constant.any():
-            return -1.0, 1.0
-        # A sampled or perturbed chunk moving a dimension the data never moves (noise on an unused gripper) is
-        # off the data for a trivial reason, which the energy head reads as a negative whatever the rest does.
-        value = torch.as_tensor(norm_stats.normalize(np.asarray(norm_stats.min, np.float32)))
-        return torch.where(constant, value, -1.0), torch.where(constant, value, 1.0)
-    low = torch.as_tensor(norm_stats.normalize(np.asarray(norm_stats.min, np.float32)))
-    high = torch.as_tensor(norm_stats.normalize(np.asarray(norm_stats.max, np.float32)))
-    return low, high
+    """Bounds of candidate chunks in normalized units (`NormStats.normalized_bounds`); no bound without statistics."""
+    return (None, None) if norm_stats is None else norm_stats.normalized_bounds()
 
 
 def _as_pil_list(value: Any, key: str) -> tuple[list[Any], bool]:

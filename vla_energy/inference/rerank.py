@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from vla_energy.checks import check_tensor
+from vla_energy.losses.perturbation import Bound, bounds_like, check_bounds, clamp_to_bounds
 from vla_energy.modeling.modeling_energy_head import EncodedContext
 
 __all__ = ["RerankResult", "rerank", "energy_weighted_mean", "relative_energy", "refine", "prepare_refine", "descend", "Descent",
@@ -19,32 +20,9 @@ __all__ = ["RerankResult", "rerank", "energy_weighted_mean", "relative_energy", 
 PREDICT_MODES = ("policy", "rerank", "mean", "refine")
 # The step sizes refine's line search tries (RMS displacements in normalized action units).
 REFINE_STEP_SIZES = (0.2, 0.1, 0.05, 0.02, 0.01)
-# A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
-Bound = Union[float, Tensor, None]
-
-
 def batch_size(context: Union[Tensor, EncodedContext]) -> int:
     """B of hidden states [B,S,D] or of a context the head encoded (EnergyHead.encode_context)."""
     return context.batch_size if isinstance(context, EncodedContext) else context.shape[0]
-
-
-def check_bounds(low: Bound, high: Bound) -> None:
-    if low is not None and high is not None and bool(torch.any(torch.as_tensor(low) > torch.as_tensor(high))):
-        raise ValueError(f"low={low} > high={high}: the bounds are empty")
-
-
-def _bounds_like(x: Tensor, low: Bound, high: Bound) -> tuple[Bound, Bound]:
-    """The bounds as clamp takes them for x: numbers, or (when either is a tensor) both as tensors like x."""
-    if isinstance(low, Tensor) or isinstance(high, Tensor):  # torch.clamp takes two numbers or two tensors
-        low, high = (None if b is None else torch.as_tensor(b).to(x) for b in (low, high))
-    return low, high
-
-
-def clamp_to_bounds(x: Tensor, low: Bound, high: Bound) -> Tensor:
-    """x clamped to [low, high] (tensor bounds broadcast over the last dim); unchanged when both are None."""
-    if low is None and high is None:
-        return x
-    return x.clamp(*_bounds_like(x, low, high))
 
 
 @dataclass
@@ -160,7 +138,7 @@ def prepare_refine(
     elif context_mask is not None:
         raise ValueError("context is already encoded (encode_context), with its mask: pass no context_mask")
     scale = torch.tensor(sizes, dtype=chunks.dtype, device=chunks.device)[:, None, None, None, None]
-    return Descent(context, chunks.detach(), scale, mask, *_bounds_like(chunks, low, high), single)
+    return Descent(context, chunks.detach(), scale, mask, *bounds_like(chunks, low, high), single)
 
 
 def descend(head: nn.Module, d: Descent, steps: int) -> tuple[Tensor, Tensor]:

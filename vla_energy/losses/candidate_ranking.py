@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vla_energy.checks import check_tensor, real_steps
 from vla_energy.losses.distances import rowwise_rms
-from vla_energy.losses.perturbation import perturb
+from vla_energy.losses.perturbation import Bound, clamp_to_bounds, perturb
 
 __all__ = ["ranking_candidates", "candidate_ranking_loss"]
 
@@ -25,10 +25,11 @@ __all__ = ["ranking_candidates", "candidate_ranking_loss"]
 def ranking_candidates(
     actions: Tensor, policy: Tensor, scale: Optional[Tensor], num_candidates: int,
     action_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-    low: float = -1.0, high: float = 1.0,
+    low: Bound = -1.0, high: Bound = 1.0,
 ) -> Tensor:
     """[B,K,H,Da]: the policy chunk, then policy + (truth - policy) of other rows (half of the rest), then policy +
-    scale * N(0,1) (scale [H,Da], the running policy error; Gaussian 0.1 before it is known); clamped to bounds."""
+    scale * N(0,1) (scale [H,Da], the running policy error; Gaussian 0.1 before it is known); clamped to
+    [low, high] (numbers or [Da] tensors)."""
     check_tensor("actions", actions, ("B", "H", "Da"))
     check_tensor("policy", policy, ("B", "H", "Da"), B=actions.shape[0], H=actions.shape[1], Da=actions.shape[2])
     if num_candidates < 2:
@@ -46,7 +47,7 @@ def ranking_candidates(
         others = (torch.arange(b, device=device)[:, None] + offsets) % b
         parts.append(policy[:, None] + residuals[others])
     parts.append(perturb(policy, 0.1 if scale is None else scale, generator, num=rest - num_residual))
-    return torch.cat(parts, dim=1).clamp(low, high).detach()
+    return clamp_to_bounds(torch.cat(parts, dim=1), low, high).detach()
 
 
 def candidate_ranking_loss(

@@ -54,6 +54,15 @@ class EnergyArguments:
     false_negative_eps: float = field(
         default=1e-2, metadata={"help": "Negatives within this RMS distance of the positive are masked."}
     )
+    bound_negatives: bool = field(
+        default=False, metadata={"help": "Keep generated negatives and ranking candidates (noise, policy perturbations, "
+                                         "flow samples) within the data's normalized bounds, as inference keeps its "
+                                         "candidates (NormStats.normalized_bounds): a dimension constant in the data "
+                                         "(an unused gripper, a padded dimension) stays at its value instead of "
+                                         "making every negative trivially off the data. The training recipe and "
+                                         "EnergyTrainer set the bounds; a loop of your own calls "
+                                         "plugin.set_action_bounds."}
+    )
     policy_error_negatives: int = field(
         default=0, metadata={"help": "Near negatives per positive: truth + noise at the running policy error's scale "
                                      "per step and action dim (0: none; needs explicit negatives)."}

@@ -29,7 +29,7 @@ from vla_energy.losses.bank import ActionBank
 from vla_energy.losses.candidate_ranking import candidate_ranking_loss, ranking_candidates
 from vla_energy.losses.gradient_alignment import gradient_alignment_loss
 from vla_energy.losses.negatives import Negatives, build_negatives, false_negative_mask
-from vla_energy.losses.perturbation import perturb
+from vla_energy.losses.perturbation import Bound, check_bounds, clamp_to_bounds, perturb
 from vla_energy.losses.policy_l1 import masked_l1, masked_mean
 from vla_energy.losses.policy_negatives import RunningPolicyError, concat_negatives, policy_negatives
 from vla_energy.losses.strategy import StrategyPlan, plan_strategy, strategy_loss
@@ -104,6 +104,7 @@ class EnergyPlugin(nn.Module):
         self.process_index = 0
         self.draws = 0  # energy_loss calls so far: with the process index it seeds that call's negatives
         self.is_evaluating = False
+        self.action_bounds: Optional[tuple[Bound, Bound]] = None  # the data's, for bound_negatives
 
     # Configuration ------------------------------------------------------------------------------------------------
 
@@ -247,6 +248,30 @@ class EnergyPlugin(nn.Module):
                              f"{self.args.action_head!r}, which is deterministic")
         return self.action_head.sample(readout.action_hidden[-1], num_samples, generator)
 
+    def set_action_bounds(self, low: Bound, high: Bound) -> None:
+        """Where the data's normalized chunks lie (`NormStats.normalized_bounds()`), for bound_negatives."""
+        check_bounds(low, high)
+        self.action_bounds = (low, high)
+
+    def generated_bounds(self) -> tuple[Bound, Bound]:
+        """The bounds generated negatives and candidates are kept in: the data's with bound_negatives, else [-1, 1]
+        for candidates (negatives are then left as drawn)."""
+        if not self.args.bound_negatives:
+            return -1.0, 1.0
+        if self.action_bounds is None:
+            raise ValueError("bound_negatives needs the data's bounds: call plugin.set_action_bounds(*norm_stats."
+                             "normalized_bounds()) before training (the training recipe and EnergyTrainer do)")
+        return self.action_bounds
+
+    def bound(self, negatives: Negatives, actions: Tensor, action_mask: Optional[Tensor]) -> Negatives:
+        """With bound_negatives: the negatives within the data's bounds, masked again where that brought one within
+        false_negative_eps of the truth; otherwise unchanged."""
+        if not self.args.bound_negatives:
+            return negatives
+        chunks = clamp_to_bounds(negatives.actions, *self.generated_bounds())
+        keep = negatives.mask & false_negative_mask(actions.detach(), chunks, action_mask, self.args.false_negative_eps)
+        return Negatives(chunks, negatives.types, keep)
+
     def sample_negatives(self, readout: BackboneReadout, actions: Tensor, action_mask: Optional[Tensor]) -> Negatives:
         """args.sample_negatives chunks of the flow head (this call's generator), each masked within
         false_negative_eps of the truth."""
@@ -259,12 +284,12 @@ class EnergyPlugin(nn.Module):
 
     def ranking_samples(self, readout: BackboneReadout, policy: Tensor, num_candidates: int) -> Tensor:
         """[B,K,H,Da]: best-of-N's candidates for candidate_ranking: the policy's chunk and K-1 flow samples (this
-        call's generator), within [-1, 1], detached."""
+        call's generator), within `generated_bounds()`, detached."""
         if readout.action_hidden.shape[0] == 0:
             raise ValueError("ranking_candidates='samples' needs the backbone's placeholder states to sample from (a "
                              "head trained on collected contexts alone has none)")
         drawn = self.sample_actions(readout, num_candidates - 1, self.generator).to(policy.dtype)
-        return torch.cat([policy.detach()[:, None], drawn], dim=1).clamp(-1.0, 1.0)
+        return clamp_to_bounds(torch.cat([policy.detach()[:, None], drawn], dim=1), *self.generated_bounds())
 
     # The loss -----------------------------------------------------------------------------------------------------
 
@@ -365,6 +390,7 @@ class EnergyPlugin(nn.Module):
                     action_mask, args.false_negative_eps, self.generator))
             if args.sample_negatives:
                 negatives = concat_negatives(negatives, self.sample_negatives(readout, actions, action_mask))
+            negatives = self.bound(negatives, actions, action_mask)
         staged = self.bank.num_staged() if self.bank is not None else 0
         try:
             loss, stats = strategy_loss(
@@ -379,7 +405,8 @@ class EnergyPlugin(nn.Module):
         if args.candidate_ranking and ctx.shape[0] > 0:
             cands = (self.ranking_samples(readout, policy.to(actions.dtype), args.candidate_ranking)
                      if args.ranking_candidates == "samples" else
-                     ranking_candidates(actions, policy, scale, args.candidate_ranking, action_mask, self.generator))
+                     ranking_candidates(actions, policy, scale, args.candidate_ranking, action_mask, self.generator,
+                                        *self.generated_bounds()))
             rank_loss, rank_stats = candidate_ranking_loss(
                 head, ctx, cands, actions, args.tau, context_mask=cmask, action_mask=action_mask,
                 target_temperature=args.ranking_target_temperature)
@@ -387,6 +414,8 @@ class EnergyPlugin(nn.Module):
             stats.update(ranking_loss=float(rank_loss.detach()), **rank_stats)
         if args.grad_align_weight and ctx.shape[0] > 0:
             perturbed = perturb(actions, 0.1 if scale is None else scale, self.generator)
+            if args.bound_negatives:
+                perturbed = clamp_to_bounds(perturbed, *self.generated_bounds())
             align_loss, align_stats = gradient_alignment_loss(head, ctx, actions, perturbed, cmask, action_mask)
             loss = loss + args.grad_align_weight * align_loss
             stats.update(grad_align_loss=float(align_loss.detach()), **align_stats)

@@ -289,6 +289,7 @@ def build_model(model_args: ModelArguments, lora_args: LoraArguments, energy_arg
             backbone = apply_lora(backbone, lora_args)
     plugin = EnergyPlugin(energy_args, hidden_size_of(loaded.model), data.action_dim, horizon, loaded.action_token_id,
                           state_dim=data.state_dim, state_token_id=state_token_id)
+    plugin.set_action_bounds(*data.norm_stats.normalized_bounds())
     if source is not None and source.plugin.args.action_head != energy_args.action_head:
         # Another kind of head (an L1 policy's backbone under a flow head): the backbone is what carries over.
         warnings.warn(f"init_from {model_args.init_from}: its action head is {source.plugin.args.action_head!r}, this "

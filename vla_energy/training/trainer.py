@@ -112,6 +112,11 @@ class EnergyLossMixin:
         check_parts_learn(model)
         self.energy_plugin: EnergyPlugin = model.plugin
         self.norm_stats = norm_stats
+        if norm_stats is not None:
+            self.energy_plugin.set_action_bounds(*norm_stats.normalized_bounds())
+        elif self.energy_plugin.args.bound_negatives and self.energy_plugin.action_bounds is None:
+            raise ValueError("bound_negatives needs the data's bounds: pass norm_stats (the NormStats the dataset was "
+                             "normalized with) to EnergyTrainer, or call model.plugin.set_action_bounds first")
         self.energy_lr_scale = energy_lr_scale
         # Older Trainers decide GA scaling from this flag: False = "the Trainer divides by accumulation steps".
         self.model_accepts_loss_kwargs = False
