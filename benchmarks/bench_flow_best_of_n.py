@@ -3,6 +3,8 @@ between a random sample and an oracle that knows the goals.
 
     python benchmarks/bench_flow_best_of_n.py --runs runs/mm_flow_init runs/mm_flow_init_rank \
         runs/mm_flow_init_long runs/mm_flow_init_rank2
+    python benchmarks/bench_flow_best_of_n.py --episodes 200 --pickers random energy oracle \
+        --groups plain=runs/mm_flow_init_long,runs/mm_flow_init_long_s1,runs/mm_flow_init_long_s2
 
 Each run is a flow-head policy trained on `--synthetic_modes targets` (bench_multimodal_closed_loop.py trains them
 and lists their commands).
@@ -150,13 +152,19 @@ def main() -> None:
     from vla_energy.sim.synthetic_env import DEFAULT_MAX_STEPS, synthetic_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--runs", type=Path, nargs="*", default=[])
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--coherence_weight", type=float, default=1.0)
     parser.add_argument("--pickers", nargs="+", default=list(PICKERS), choices=PICKERS)
+    parser.add_argument("--groups", nargs="+", default=[], metavar="NAME=RUN,RUN,...",
+                        help="runs of one configuration with other training seeds: each group's episodes pooled")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_flow_best_of_n.json"))
     args = parser.parse_args()
+    groups = {name: [Path(r) for r in runs.split(",")] for name, runs in (g.split("=", 1) for g in args.groups)}
+    args.runs += [r for runs in groups.values() for r in runs if r not in args.runs]
+    if not args.runs:
+        parser.error("name flow-head runs with --runs or --groups")
     torch.manual_seed(0)
     seeds = list(range(1000, 1000 + args.episodes))
     lines = ["| run | picker | success | paired difference to random | target switches per episode | failures "
@@ -188,6 +196,19 @@ def main() -> None:
                   f"{o['lowest_energy']:.3f}, of the mean candidate {o['mean']:.3f}, of the best {o['best']:.3f}; "
                   f"correlation of -energy with progress {o['correlation']:.2f}", flush=True)
         results[str(run)] = res
+    for name, runs in groups.items():
+        pooled = {p: sum((results[str(r)][p]["success"] for r in runs), []) for p in args.pickers}
+        for p, success in pooled.items():
+            lo, hi = wilson_interval(int(sum(success)), len(success))
+            diff = "-"
+            if "random" in pooled and p != "random":
+                d, dlo, dhi = paired_bootstrap_interval(success, pooled["random"])
+                diff = f"{d:+.2f} [{dlo:+.2f}, {dhi:+.2f}]"
+            per_run = ", ".join(f"{np.mean(results[str(r)][p]['success']):.2f}" for r in runs)
+            lines.append(f"| {name} ({len(runs)} runs pooled: {per_run}) | {p} | {np.mean(success):.2f} [{lo:.2f}, "
+                         f"{hi:.2f}] | {diff} | {np.mean([results[str(r)][p]['switches'] for r in runs]):.2f} | "
+                         f"{sum(results[str(r)][p]['failures_between'] for r in runs)} of "
+                         f"{sum(results[str(r)][p]['failures'] for r in runs)} |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
