@@ -272,23 +272,24 @@ class EnergyPlugin(nn.Module):
         keep = negatives.mask & false_negative_mask(actions.detach(), chunks, action_mask, self.args.false_negative_eps)
         return Negatives(chunks, negatives.types, keep)
 
+    def _draw(self, readout: BackboneReadout, num: int, option: str) -> Tensor:
+        """num flow samples per row from this call's generator, for a training option that needs them."""
+        if readout.action_hidden.shape[0] == 0:
+            raise ValueError(f"{option} needs the backbone's placeholder states to sample from (a head trained on "
+                             "collected contexts alone has none)")
+        return self.sample_actions(readout, num, self.generator)
+
     def sample_negatives(self, readout: BackboneReadout, actions: Tensor, action_mask: Optional[Tensor]) -> Negatives:
         """args.sample_negatives chunks of the flow head (this call's generator), each masked within
         false_negative_eps of the truth."""
-        if readout.action_hidden.shape[0] == 0:
-            raise ValueError("sample_negatives needs the backbone's placeholder states to sample from (a head "
-                             "trained on collected contexts alone has none)")
-        drawn = self.sample_actions(readout, self.args.sample_negatives, self.generator).to(actions.dtype)
+        drawn = self._draw(readout, self.args.sample_negatives, "sample_negatives").to(actions.dtype)
         keep = false_negative_mask(actions.detach(), drawn, action_mask, self.args.false_negative_eps)
         return Negatives(drawn, ["flow_sample"] * drawn.shape[1], keep)
 
     def ranking_samples(self, readout: BackboneReadout, policy: Tensor, num_candidates: int) -> Tensor:
         """[B,K,H,Da]: best-of-N's candidates for candidate_ranking: the policy's chunk and K-1 flow samples (this
         call's generator), within `generated_bounds()`, detached."""
-        if readout.action_hidden.shape[0] == 0:
-            raise ValueError("ranking_candidates='samples' needs the backbone's placeholder states to sample from (a "
-                             "head trained on collected contexts alone has none)")
-        drawn = self.sample_actions(readout, num_candidates - 1, self.generator).to(policy.dtype)
+        drawn = self._draw(readout, num_candidates - 1, "ranking_candidates='samples'").to(policy.dtype)
         return clamp_to_bounds(torch.cat([policy.detach()[:, None], drawn], dim=1), *self.generated_bounds())
 
     # The loss -----------------------------------------------------------------------------------------------------
