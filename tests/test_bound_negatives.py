@@ -13,6 +13,7 @@ from vla_energy.data.normalization import compute_norm_stats
 from vla_energy.inference.policy import candidate_bounds
 from vla_energy.losses.candidate_ranking import ranking_candidates
 from vla_energy.losses.negatives import Negatives
+from vla_energy.losses.perturbation import pin_constant_dims
 
 H, DA = 4, 3
 SINGLE = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
@@ -125,3 +126,11 @@ def test_bound_negatives_without_the_datas_bounds_is_a_clear_error():
         plugin.energy_loss(readout, torch.zeros(4, H, DA), None, None, layers, SINGLE)
     with pytest.raises(ValueError, match="the bounds are empty"):
         plugin.set_action_bounds(1.0, -1.0)
+
+
+def test_pin_constant_dims_sets_only_the_dimensions_whose_bounds_meet():
+    x = torch.randn(2, H, DA)
+    low, high = torch.tensor([-1.0, -1.0, 0.25]), torch.tensor([1.0, 1.0, 0.25])
+    pinned = pin_constant_dims(x, low, high)
+    assert (pinned[..., 2] == 0.25).all() and torch.equal(pinned[..., :2], x[..., :2])
+    assert pin_constant_dims(x, -1.0, 1.0) is x and pin_constant_dims(x, None, None) is x  # scalar bounds: no dim

@@ -397,3 +397,28 @@ def test_candidate_bounds_keep_a_constant_dimension_at_its_value():
     rare = NormStats("q01_q99", [0.0] * 3, [1.0] * 3, [-1.0, -1.0, 0.0], [1.0, 1.0, 0.0], [-2.0, -2.0, 0.0],
                      [2.0, 2.0, 1.0], 100)  # a gripper closed in under 1% of the frames still moves
     assert candidate_bounds(rare) == (-1.0, 1.0)
+
+
+def test_every_mode_outputs_and_scores_a_constant_dimension_at_its_value(tmp_path):
+    constant = NormStats("q01_q99", [0.0, 0.0, 0.5], [1.0, 1.0, 0.0], [-1.0, -2.0, 0.5], [1.0, 2.0, 0.5],
+                         [-3.0, -5.0, 0.5], [3.0, 7.0, 0.5], 100)
+    moving = NormStats(**{**constant.to_dict(), "q01": [-1.0, -2.0, 0.0], "q99": [1.0, 2.0, 1.0],
+                                             "min": [-3.0, -5.0, 0.0], "max": [3.0, 7.0, 1.0]})
+    loaded, model = _model()
+    pinned = EnergyPolicy.from_pretrained(save_policy(tmp_path / "c", model, loaded.processor, constant,
+                                                      base=loaded.name))
+    free = EnergyPolicy.from_pretrained(save_policy(tmp_path / "m", model, loaded.processor, moving,
+                                                    base=loaded.name))
+    obs = {"observation.images.top": np.stack(_images(2)), "task": ["go", "stop"]}
+    raw = free.predict_action_chunk(obs, normalized=True)
+    assert (raw[..., 2] != 0).all()  # the head itself puts something there
+    chunk, energy = pinned.predict_action_chunk(obs, normalized=True, return_energy=True)
+    assert (chunk[..., 2] == 0).all() and torch.equal(chunk[..., :2], raw[..., :2])
+    assert torch.allclose(torch.as_tensor(pinned.predict_action_chunk(obs))[..., 2], torch.tensor(0.5))
+    readout = pinned.encode(list(obs["observation.images.top"]), obs["task"])
+    head = pinned.plugin.energy_head
+    with torch.no_grad():
+        expected = head(head.encode_context(readout.context, readout.context_mask), chunk[:, None])[:, 0]
+    assert torch.allclose(energy, expected, atol=1e-5)  # the energy is the pinned chunk's, not the raw one's
+    for mode in ("rerank", "mean"):
+        assert (pinned.predict_action_chunk(obs, normalized=True, mode=mode, num_samples=6)[..., 2] == 0).all()

@@ -30,6 +30,7 @@ from vla_energy.inference.rerank import (
     relative_energy,
     rerank,
 )
+from vla_energy.losses.perturbation import pin_constant_dims
 
 __all__ = ["EnergyPolicy", "candidate_bounds", "REFERENCE_CHUNKS"]
 
@@ -202,6 +203,9 @@ class EnergyPolicy:
                 if mode != "policy" or with_energy or with_relative else None
         cmask = None
         low, high = candidate_bounds(self.loaded.norm_stats)
+        # A dimension the data never moves carries no action; the head was never shown it elsewhere (a flow sample's
+        # noise there would dominate the chunk's energy), so every mode outputs, and scores, it at its value.
+        policy = pin_constant_dims(policy, low, high)
         chunk = policy
         if mode in ("rerank", "mean"):
             g = torch.Generator(device=policy.device).manual_seed(seed)

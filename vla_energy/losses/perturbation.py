@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["perturb", "clamp_to_bounds", "check_bounds", "bounds_like", "Bound"]
+__all__ = ["perturb", "clamp_to_bounds", "pin_constant_dims", "check_bounds", "bounds_like", "Bound"]
 
 Scale = Union[float, Tensor]
 # A bound: a number, a per-action-dimension tensor [Da], or None (unbounded on that side).
@@ -50,3 +50,11 @@ def clamp_to_bounds(x: Tensor, low: Bound, high: Bound) -> Tensor:
     if low is None and high is None:
         return x
     return x.clamp(*bounds_like(x, low, high))
+
+
+def pin_constant_dims(x: Tensor, low: Bound, high: Bound) -> Tensor:
+    """x with every dimension whose bounds are equal (constant in the data) set to that value; others unchanged."""
+    if not (isinstance(low, Tensor) and isinstance(high, Tensor)):
+        return x
+    low, high = low.to(x), high.to(x)
+    return torch.where(low == high, low, x)
