@@ -2,7 +2,7 @@
 episode's mean chunk energy (and relative energy) predict its failure, and do energies rise on observations the
 policy never saw?
 
-    python benchmarks/bench_failure_signal.py --episodes 400 --runs runs/mm_l1 \
+    python benchmarks/bench_failure_signal.py --episodes 400 --runs runs/mm_l1 runs/uni_l1 \
         --groups plain=runs/mm_flow_init_long,runs/mm_flow_init_long_s1,runs/mm_flow_init_long_s2 \
         bound=runs/mm_flow_init_long_b_s0,runs/mm_flow_init_long_b_s1,runs/mm_flow_init_long_b_s2 \
         rank=runs/mm_flow_init_rank2,runs/mm_flow_init_rank2_s1,runs/mm_flow_init_rank2_s2
